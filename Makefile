@@ -1,0 +1,39 @@
+# kpm33b-proxy developer and operator commands. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help deps demo run test lint bench install uninstall clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+deps: $(STAMP) ## install Mosquitto (apt) and the Python environment in .venv/
+
+$(STAMP): requirements.txt requirements-dev.txt scripts/install-deps.sh
+	bash scripts/install-deps.sh "$(PYTHON)" "$(VENV)"
+	touch $(STAMP)
+
+demo: deps ## brokers, both daemons and simulated meters; shows the clean messages
+	$(PY) tools/run_local.py --demo
+
+run: deps ## brokers and both daemons for real meters (no simulator)
+	$(PY) tools/run_local.py
+
+test: deps ## lint and the whole test suite, integration tests included
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: deps ## ruff only
+	$(VENV)/bin/ruff check .
+
+install: ## install into /opt/kpm33b-proxy and systemd (DESTDIR= for a staging root)
+	DESTDIR="$(DESTDIR)" bash scripts/install.sh install
+
+uninstall: ## remove what install added (keeps /etc/kpm33b)
+	DESTDIR="$(DESTDIR)" bash scripts/install.sh uninstall
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,499 @@
+"""Reads and validates ``config.yaml`` into frozen dataclasses.
+
+Both daemons load their configuration through this module exactly once (and
+again only on an explicit reload), so everything downstream can trust it: a
+value that reaches a daemon has the right type and an allowed value. Every
+problem found is collected and reported together, one line each naming the
+key, the bad value and what is allowed, because fixing a file one error per
+restart is miserable. Unknown keys are errors: they are almost always typos
+that would otherwise be silently ignored.
+
+Secrets may come from the environment (``KPM33B_INTERNAL_USERNAME`` …), which
+wins over the file, so that a world-readable ``config.yaml`` never has to hold
+a password. The environment is passed in, never read here on the module's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+import yaml
+
+from data_mapping import METER_ID_PATTERN
+
+ALLOWED_SECONDS_INTERVALS = (30, 60, 300, 600, 900, 1200, 1800, 3600)
+ALLOWED_MINUTES_INTERVALS = (1, 5, 10, 15, 20, 30, 60, 1440)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CONFIG_ENV_VAR = "KPM33B_CONFIG"
+EXIT_CONFIG_ERROR = 2
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS towards a broker; ``None`` files mean the system's trust store."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where a broker is and how to log in. The password never shows in repr."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TlsSettings | None = None
+    keepalive_seconds: int = 60
+    # Clean messages held while the broker is unreachable (central broker only).
+    max_queued_messages: int = 100_000
+
+
+@dataclass(frozen=True)
+class InternalTopics:
+    """The meters' fixed topic names on the internal broker."""
+
+    meter_seconds_data: str = "MQTT_RT_DATA"
+    meter_minutes_data: str = "MQTT_ENY_NOW"
+    meter_config: str = "MQTT_COMMOD_SET_"
+    meter_config_ack: str = "MQTT_COMMOD_SET_REP"
+    meter_time: str = "MQTT_SETTIME_"
+    meter_time_ack: str = "MQTT_METER_TIME_REP"
+
+
+@dataclass(frozen=True)
+class CentralTopics:
+    """The clean topic tree on the central broker."""
+
+    external_main_topic: str = "kpm33b"
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Per-meter settings from ``meters.devices``; ``None`` means the default."""
+
+    name: str | None = None
+    upload_frequency_seconds: int | None = None
+    upload_frequency_minutes: int | None = None
+
+
+@dataclass(frozen=True)
+class MeterSettings:
+    """Upload intervals, reply timing, exclusions and per-meter overrides."""
+
+    upload_frequency_seconds: int = 60
+    upload_frequency_minutes: int = 1
+    ack_timeout_seconds: float = 3.0
+    max_clock_drift_seconds: int = 300
+    clock_sync: bool = True
+    exclude: frozenset[str] = frozenset()
+    devices: Mapping[str, DeviceSettings] = field(default_factory=lambda: MappingProxyType({}))
+
+    def seconds_interval(self, meter_id: str) -> int:
+        """The RT_DATA interval (s) for one meter: its override, else the default."""
+        device = self.devices.get(meter_id)
+        if device is not None and device.upload_frequency_seconds is not None:
+            return device.upload_frequency_seconds
+        return self.upload_frequency_seconds
+
+    def minutes_interval(self, meter_id: str) -> int:
+        """The ENY_NOW interval (min) for one meter: its override, else the default."""
+        device = self.devices.get(meter_id)
+        if device is not None and device.upload_frequency_minutes is not None:
+            return device.upload_frequency_minutes
+        return self.upload_frequency_minutes
+
+    def device_name(self, meter_id: str) -> str:
+        """The friendly name of a meter, ``KPM33B <id>`` unless configured."""
+        device = self.devices.get(meter_id)
+        if device is not None and device.name:
+            return device.name
+        return f"KPM33B {meter_id}"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """How much the daemons log."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration."""
+
+    internal_broker: BrokerSettings = BrokerSettings(host="127.0.0.1", port=11883)
+    central_broker: BrokerSettings = BrokerSettings(host="127.0.0.1", port=1883)
+    internal_broker_topics: InternalTopics = InternalTopics()
+    central_broker_topics: CentralTopics = CentralTopics()
+    meters: MeterSettings = MeterSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+# --- validation -------------------------------------------------------------
+
+Validator = Callable[[Any], Any]
+
+
+class _Invalid(Exception):
+    """Raised by a validator with what is allowed; the reader adds key and value."""
+
+
+class _Section:
+    """A mapping being read: remembers which keys were used, collects problems."""
+
+    def __init__(self, data: object, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        self.used: set[str] = set()
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            problems.append(f"{path}: {_show(data)} is not allowed; expected a mapping of keys")
+            data = {}
+        self.data: dict[Any, Any] = data
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, validator: Validator, default: Any) -> Any:
+        """The validated value of ``key``, or ``default`` when absent or invalid."""
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        try:
+            return validator(value)
+        except _Invalid as allowed:
+            self.problems.append(f"{self.key_path(key)}: {_show(value)} is not allowed; expected {allowed}")
+            return default
+
+    def section(self, key: str) -> _Section:
+        self.used.add(key)
+        return _Section(self.data.get(key), self.key_path(key), self.problems)
+
+    def finish(self) -> None:
+        """Report every key that nothing asked for: almost always a typo."""
+        for key in self.data:
+            if key not in self.used:
+                known = ", ".join(sorted(self.used))
+                self.problems.append(f"{self.key_path(str(key))}: unknown key; known keys here are {known}")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _integer(low: int, high: int) -> Validator:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Invalid(f"an integer from {low} to {high}")
+        return value
+
+    return check
+
+
+def _one_of(allowed: tuple[int, ...]) -> Validator:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+            raise _Invalid("one of " + ", ".join(str(a) for a in allowed))
+        return value
+
+    return check
+
+
+def _number(low: float, high: float) -> Validator:
+    def check(value: Any) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not low < value <= high
+        ):
+            raise _Invalid(f"a number greater than {low} and at most {high}")
+        return float(value)
+
+    return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("true or false")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        raise _Invalid("a non-empty string without surrounding spaces")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _Invalid("a non-empty string or null")
+    return value
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Za-z.:\-_\[\]]{1,253}", value):
+        raise _Invalid("an IPv4/IPv6 address or a host name")
+    return value
+
+
+def _topic_prefix(value: Any) -> str:
+    """A topic or topic prefix we publish to or subscribe to: no wildcards."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or any(c in value for c in "+#\0")
+        or value != value.strip()
+    ):
+        raise _Invalid("a non-empty topic without '+', '#' or surrounding spaces")
+    return value
+
+
+def _main_topic(value: Any) -> str:
+    value = _topic_prefix(value)
+    if value.startswith("/") or value.endswith("/") or "//" in value:
+        raise _Invalid("a topic without leading, trailing or doubled '/'")
+    return value
+
+
+def _meter_id(value: Any) -> str:
+    if not isinstance(value, str) or not METER_ID_PATTERN.fullmatch(value):
+        raise _Invalid("a meter id of 13 letters and digits, e.g. 33B1225950027")
+    return value
+
+
+def _log_level(value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+        raise _Invalid("one of " + ", ".join(LOG_LEVELS))
+    return value.upper()
+
+
+def _existing_file(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _Invalid("a file path or null")
+    if not Path(value).is_file():
+        raise _Invalid("an existing, readable file")
+    return value
+
+
+def _read_tls(section: _Section) -> TlsSettings | None:
+    raw = section.data.get("tls", False)
+    section.used.add("tls")
+    if raw is False or raw is None:
+        return None
+    if raw is True:
+        return TlsSettings()
+    tls = section.section("tls")
+    settings = TlsSettings(
+        ca_file=tls.get("ca_file", _existing_file, None),
+        cert_file=tls.get("cert_file", _existing_file, None),
+        key_file=tls.get("key_file", _existing_file, None),
+    )
+    tls.finish()
+    if isinstance(raw, dict) and ("cert_file" in raw) != ("key_file" in raw):
+        section.problems.append(
+            f"{tls.path}: cert_file and key_file go together; give both for a client certificate, or neither"
+        )
+    return settings
+
+
+def _read_broker(section: _Section, default: BrokerSettings, env_prefix: str,
+                 environ: Mapping[str, str], queued: bool = False) -> BrokerSettings:
+    username = section.get("username", _optional_text, None)
+    password = section.get("password", _optional_text, None)
+    settings = BrokerSettings(
+        host=section.get("host", _host, default.host),
+        port=section.get("port", _integer(1, 65535), default.port),
+        username=environ.get(f"{env_prefix}_USERNAME") or username,
+        password=environ.get(f"{env_prefix}_PASSWORD") or password,
+        tls=_read_tls(section),
+        keepalive_seconds=section.get("keepalive_seconds", _integer(5, 3600), default.keepalive_seconds),
+        max_queued_messages=(section.get("max_queued_messages", _integer(1, 10_000_000), default.max_queued_messages)
+                             if queued else default.max_queued_messages),
+    )
+    section.finish()
+    if settings.password is not None and settings.username is None:
+        section.problems.append(f"{section.path}.password: a password needs a username too")
+    return settings
+
+
+def _read_topics(section: _Section, defaults: Any, validator: Validator) -> Any:
+    values = {
+        name: section.get(name, validator, getattr(defaults, name))
+        for name in defaults.__dataclass_fields__
+    }
+    section.finish()
+    return type(defaults)(**values)
+
+
+def _read_meters(section: _Section) -> MeterSettings:
+    defaults = MeterSettings()
+    seconds = _one_of(ALLOWED_SECONDS_INTERVALS)
+    minutes = _one_of(ALLOWED_MINUTES_INTERVALS)
+
+    def meter_id_list(value: Any) -> frozenset[str]:
+        if value is None:
+            return frozenset()
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and METER_ID_PATTERN.fullmatch(v) for v in value
+        ):
+            raise _Invalid("a list of meter ids of 13 letters and digits")
+        return frozenset(value)
+
+    settings = {
+        "upload_frequency_seconds": section.get("upload_frequency_seconds", seconds,
+                                                defaults.upload_frequency_seconds),
+        "upload_frequency_minutes": section.get("upload_frequency_minutes", minutes,
+                                                defaults.upload_frequency_minutes),
+        "ack_timeout_seconds": section.get("ack_timeout_seconds", _number(0, 60), defaults.ack_timeout_seconds),
+        "max_clock_drift_seconds": section.get("max_clock_drift_seconds", _integer(1, 86400 * 366),
+                                               defaults.max_clock_drift_seconds),
+        "clock_sync": section.get("clock_sync", _boolean, defaults.clock_sync),
+        "exclude": section.get("exclude", meter_id_list, frozenset()),
+    }
+    devices_section = section.section("devices")
+    devices: dict[str, DeviceSettings] = {}
+    for meter_id in list(devices_section.data):
+        key = str(meter_id)
+        try:
+            _meter_id(meter_id)
+        except _Invalid as allowed:
+            devices_section.used.add(meter_id)
+            devices_section.problems.append(
+                f"{devices_section.key_path(key)}: {_show(meter_id)} is not allowed as a key; expected {allowed}"
+            )
+            continue
+        device = devices_section.section(key)
+        devices[key] = DeviceSettings(
+            name=device.get("name", _text, None),
+            upload_frequency_seconds=device.get("upload_frequency_seconds", seconds, None),
+            upload_frequency_minutes=device.get("upload_frequency_minutes", minutes, None),
+        )
+        device.finish()
+    section.finish()
+    return MeterSettings(devices=MappingProxyType(devices), **settings)
+
+
+def parse_config(raw: object, environ: Mapping[str, str]) -> Config:
+    """Validate an already-parsed YAML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    root = _Section(raw, "", problems)
+    defaults = Config()
+    config = Config(
+        internal_broker=_read_broker(root.section("internal_broker"), defaults.internal_broker,
+                                     "KPM33B_INTERNAL", environ),
+        central_broker=_read_broker(root.section("central_broker"), defaults.central_broker,
+                                    "KPM33B_CENTRAL", environ, queued=True),
+        internal_broker_topics=_read_topics(root.section("internal_broker_topics"), InternalTopics(),
+                                            _topic_prefix),
+        central_broker_topics=_read_topics(root.section("central_broker_topics"), CentralTopics(),
+                                           _main_topic),
+        meters=_read_meters(root.section("meters")),
+        logging=_read_topics(root.section("logging"), LoggingSettings(), _log_level),
+    )
+    root.finish()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: Path, environ: Mapping[str, str]) -> Config:
+    """Read ``path`` and validate it; raise ConfigError listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([f"{path}: cannot be read ({error})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
+    return parse_config(raw, environ)
+
+
+def describe(config: Config) -> str:
+    """A one-line summary for the start-up log; secrets are redacted."""
+
+    def broker(settings: BrokerSettings) -> str:
+        login = f"{settings.username}:***@" if settings.username else ""
+        scheme = "mqtts" if settings.tls else "mqtt"
+        return f"{scheme}://{login}{settings.host}:{settings.port}"
+
+    meters = config.meters
+    return (
+        f"internal broker {broker(config.internal_broker)}, central broker {broker(config.central_broker)}, "
+        f"main topic '{config.central_broker_topics.external_main_topic}', "
+        f"intervals {meters.upload_frequency_seconds} s / {meters.upload_frequency_minutes} min, "
+        f"{len(meters.devices)} configured and {len(meters.exclude)} excluded meters"
+    )
+
+
+# --- command line shared by both daemons -----------------------------------
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """What a daemon was asked to do on its command line."""
+
+    config_path: Path
+    check_only: bool
+
+
+def parse_command_line(argv: list[str], environ: Mapping[str, str], script_dir: Path,
+                       description: str) -> CommandLine:
+    """``--config`` (default ``$KPM33B_CONFIG``, else config.yaml beside the script) and ``--check-config``."""
+    default = environ.get(CONFIG_ENV_VAR) or str(script_dir / "config.yaml")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default, help=f"configuration file (default: {default})")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print any problems and exit (0 valid, 2 invalid)")
+    args = parser.parse_args(argv)
+    return CommandLine(config_path=Path(args.config), check_only=args.check_config)
+
+
+def exit_with_problems(path: Path, error: ConfigError) -> NoReturn:
+    """Print one line per problem and exit with code 2: never a traceback."""
+    print(f"Invalid configuration {path}:", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+def load_or_exit(command_line: CommandLine, environ: Mapping[str, str]) -> Config:
+    """Load the configuration for a daemon; on ``--check-config`` report and exit."""
+    try:
+        config = load_config(command_line.config_path, environ)
+    except ConfigError as error:
+        exit_with_problems(command_line.config_path, error)
+    if command_line.check_only:
+        print(f"{command_line.config_path}: valid ({describe(config)})")
+        sys.exit(0)
+    return config

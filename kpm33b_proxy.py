@@ -1,0 +1,370 @@
+"""kpm33b_proxy: raw meter traffic on the internal broker → clean per-meter topics on the central one.
+
+Thin wiring around the pure ``data_mapping`` module:
+
+- the internal client (fixed client id, persistent MQTT 5 session, a large
+  receive window) subscribes to the meters' data topics at QoS 1;
+- ``on_message`` maps each packet (microseconds of pure work, no waiting) and
+  appends the clean message to a bounded outgoing queue;
+- one publisher thread hands the queue to the central client, never more
+  than ``PUBLISH_WINDOW`` unacknowledged messages at a time (paho loses
+  messages silently beyond 65,535 outstanding ones), so a central outage is
+  absorbed by our own bounded queue and drained in order when it returns;
+- the main thread runs the timers: meters going offline, journal compaction,
+  and the systemd watchdog's heartbeat.
+
+``<main>/bridge/state`` is ``online`` only while the proxy is subscribed on
+the internal broker and connected to the central one, and ``offline`` (the
+last will) otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+import config_loader
+from availability import MeterAvailability, silence_limit
+from config_loader import Config
+from data_mapping import MINUTES, SECONDS, MeterDataProcessor, MeterMemory, clean_topic, encode_payload
+from mqtt_common import (
+    Counters,
+    RateLimitedLog,
+    connect_in_background,
+    install_signal_handlers,
+    make_client,
+    network_thread_alive,
+    reason_text,
+    setup_logging,
+)
+from state_store import EnergyJournal, StateLocked
+
+log = logging.getLogger("kpm33b_proxy")
+
+INTERNAL_CLIENT_ID = "kpm33b-proxy"
+# The persistent session on the internal broker outlives a restart or an
+# upgrade of the proxy by a wide margin; the broker bounds what it queues.
+SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
+RECEIVE_MAXIMUM = 65_535  # MQTT 5 maximum: the broker may send this many QoS 1 messages unacknowledged
+PUBLISH_WINDOW = 1_000  # unacknowledged publishes handed to paho at once
+SHUTDOWN_DRAIN_SECONDS = 5.0
+TICK_SECONDS = 0.5
+EXIT_STATE_LOCKED = 3
+
+
+def state_directory(config_path: Path, environ: Mapping[str, str]) -> Path:
+    """``$STATE_DIRECTORY`` (set by systemd's StateDirectory=), else ``state/`` beside the config."""
+    from_systemd = environ.get("STATE_DIRECTORY")
+    if from_systemd:
+        return Path(from_systemd.split(":")[0])
+    return config_path.resolve().parent / "state"
+
+
+class OutgoingQueue:
+    """The bounded FIFO of clean messages between the mapping and the central client.
+
+    Thread-safe. When full, the oldest message is dropped and counted: the
+    newest readings are the most useful ones after a long outage.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.condition = threading.Condition()
+        self._messages: deque[tuple[str, bytes, bool]] = deque()
+        self.outstanding = 0  # handed to paho, not yet acknowledged
+        self.dropped = 0
+
+    def put(self, topic: str, payload: bytes, retain: bool) -> bool:
+        """Queue one message; False when the oldest had to be dropped for it."""
+        with self.condition:
+            overflow = len(self._messages) >= self.capacity
+            if overflow:
+                self._messages.popleft()
+                self.dropped += 1
+            self._messages.append((topic, payload, retain))
+            self.condition.notify()
+            return not overflow
+
+    def take(self, limit: int) -> list[tuple[str, bytes, bool]]:
+        """Remove up to ``limit`` messages (caller holds ``condition``)."""
+        count = min(limit, len(self._messages))
+        return [self._messages.popleft() for _ in range(count)]
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+
+class Proxy:
+    """The data flow: one instance per process. ``start()``, then ``stop()``."""
+
+    def __init__(self, config: Config, state_dir: Path) -> None:
+        self.config = config
+        self.main_topic = config.central_broker_topics.external_main_topic
+        topics = config.internal_broker_topics
+        self.kinds = {topics.meter_seconds_data: SECONDS, topics.meter_minutes_data: MINUTES}
+        self.counters = Counters()
+        self.rejections = RateLimitedLog(log)
+        self.memory = MeterMemory()
+        self.processor = MeterDataProcessor(excluded=config.meters.exclude, memory=self.memory)
+        meters = config.meters
+        self.availability = MeterAvailability(
+            lambda meter_id: silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id))
+        )
+        self.journal = EnergyJournal(state_dir)
+        self.queue = OutgoingQueue(config.central_broker.max_queued_messages)
+        self.stopping = threading.Event()  # the publisher thread ends
+        self._closing = False  # disconnections from now on are deliberate
+        self.started_at = time.monotonic()
+        self.heartbeat = time.monotonic()
+        self._internal_subscribed = False
+        self._central_connected = False
+        self._bridge_online: bool | None = None
+        self._state_lock = threading.Lock()
+        self.bridge_topic = f"{self.main_topic}/bridge/state"
+        self.internal = make_client(config.internal_broker, INTERNAL_CLIENT_ID)
+        self.central = make_client(
+            config.central_broker,
+            f"kpm33b-proxy-{socket.gethostname()}",
+            will_topic=self.bridge_topic,
+            will_payload="offline",
+        )
+        self.internal.on_connect = self._on_internal_connect
+        self.internal.on_disconnect = self._on_internal_disconnect
+        self.internal.on_subscribe = self._on_internal_subscribe
+        self.internal.on_message = self._on_internal_message
+        self.central.on_connect = self._on_central_connect
+        self.central.on_disconnect = self._on_central_disconnect
+        self.central.on_publish = self._on_central_publish
+        self._publisher = threading.Thread(target=self._publish_loop, name="central-publisher", daemon=True)
+
+    # --- life cycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Lock and load the state, then connect to both brokers in the background."""
+        for meter_id, energy in self.journal.open().items():
+            self.memory.restore_energy(meter_id, energy)
+        log.info("loaded the last energy of %d meters from %s", len(self.memory.energy_snapshot()),
+                 self.journal.path)
+        self._publisher.start()
+        connect_in_background(self.central, self.config.central_broker)
+        connect_in_background(self.internal, self.config.internal_broker, clean_start=False,
+                              session_expiry=SESSION_EXPIRY_SECONDS, receive_maximum=RECEIVE_MAXIMUM)
+
+    def run(self, stop: threading.Event) -> None:
+        """The main thread's timers, until ``stop`` is set."""
+        while not stop.wait(TICK_SECONDS):
+            self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """Periodic work: meters gone silent, journal compaction, heartbeat."""
+        self.heartbeat = now
+        for meter_id in self.availability.went_offline(now):
+            log.info("meter %s is offline (silent for %.0f s)", meter_id,
+                     silence_limit(self.config.meters.seconds_interval(meter_id),
+                                   self.config.meters.minutes_interval(meter_id)))
+            self._publish_availability(meter_id, "offline")
+        if self.journal.needs_compaction():
+            with self._state_lock:
+                self.journal.compact(self.memory.energy_snapshot())
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: both network loops and the timers are alive."""
+        return (
+            network_thread_alive(self.internal)
+            and network_thread_alive(self.central)
+            and self._publisher.is_alive()
+            and time.monotonic() - self.heartbeat < 10 * TICK_SECONDS + 5
+        )
+
+    def stop(self) -> None:
+        """Stop reading, finish in-flight publishes, publish ``offline``, disconnect."""
+        self._closing = True
+        self.internal.disconnect()
+        self.internal.loop_stop()
+        self._internal_subscribed = False
+        self._update_bridge_state()  # offline, queued behind the readings still to deliver
+        deadline = time.monotonic() + SHUTDOWN_DRAIN_SECONDS
+        while (len(self.queue) or self.queue.outstanding) and self._central_connected \
+                and time.monotonic() < deadline:
+            with self.queue.condition:
+                self.queue.condition.wait(0.05)
+        self.stopping.set()
+        with self.queue.condition:
+            self.queue.condition.notify_all()
+        self._publisher.join(timeout=2)
+        self.central.disconnect()
+        self.central.loop_stop()
+        with self._state_lock:
+            self.journal.close()
+        self.rejections.flush()
+        left = len(self.queue) + self.queue.outstanding
+        log.info("stopped: %s%s", self.counters.snapshot(),
+                 f"; {left} messages not delivered" if left else "")
+
+    # --- internal broker (meters) ------------------------------------------------
+
+    def _on_internal_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+                             _properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("internal broker %s:%d refused the connection: %s", self.config.internal_broker.host,
+                      self.config.internal_broker.port, reason_text(reason_code))
+            return
+        log.info("connected to the internal broker %s:%d", self.config.internal_broker.host,
+                 self.config.internal_broker.port)
+        # Subscribing on every connect makes a reconnect invisible, session or not.
+        client.subscribe([(topic, 1) for topic in self.kinds])
+
+    def _on_internal_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reason_codes: Any,
+                               _properties: Any) -> None:
+        failed = [reason_text(code) for code in reason_codes if code.is_failure]
+        if failed:
+            log.error("the internal broker refused the subscription to %s: %s", ", ".join(self.kinds),
+                      ", ".join(failed))
+            return
+        log.info("subscribed to %s", ", ".join(self.kinds))
+        self._internal_subscribed = True
+        self._update_bridge_state()
+
+    def _on_internal_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+                                _properties: Any) -> None:
+        self._internal_subscribed = False
+        if not self._closing:
+            log.warning("disconnected from the internal broker (%s); reconnecting", reason_text(reason_code))
+        self._update_bridge_state()
+
+    def _on_internal_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """Map one raw packet: pure work only, then hand the result to the queue."""
+        kind = self.kinds.get(message.topic)
+        if kind is None:
+            return
+        now = time.monotonic()
+        self.counters.add("received")
+        outcome = self.processor.process(kind, message.payload, now)
+        if outcome.meter_id is not None and outcome.reason != "excluded" \
+                and self.availability.seen(outcome.meter_id, now):
+            log.info("meter %s is online", outcome.meter_id)
+            self._publish_availability(outcome.meter_id, "online")
+        if outcome.message is not None:
+            clean = outcome.message
+            self.queue_publish(clean_topic(self.main_topic, clean.meter_id, clean.kind),
+                               encode_payload(clean.payload), retain=True)
+            self.counters.add("forwarded")
+            energy = clean.payload.get("active_energy")
+            if isinstance(energy, int | float):
+                with self._state_lock:
+                    self.journal.record(clean.meter_id, energy)
+        elif outcome.reason is not None:
+            self.counters.add(f"dropped.{outcome.reason}")
+            if outcome.meter_id is None:
+                self.rejections.warning(outcome.reason, "rejected a message on %s: %s", message.topic,
+                                        outcome.detail)
+            else:
+                log.debug("dropped a %s reading of meter %s: %s", kind, outcome.meter_id, outcome.reason)
+
+    # --- central broker (consumers) ----------------------------------------------
+
+    def queue_publish(self, topic: str, payload: bytes | str, retain: bool) -> None:
+        """Queue a message for the central broker (any thread)."""
+        data = payload.encode() if isinstance(payload, str) else payload
+        if not self.queue.put(topic, data, retain):
+            self.counters.add("dropped.queue_full")
+            self.rejections.warning("queue_full", "outgoing queue full (%d messages): dropped the oldest",
+                                    self.queue.capacity)
+
+    def _publish_availability(self, meter_id: str, state: str) -> None:
+        self.queue_publish(f"{self.main_topic}/{meter_id}/availability", state, retain=True)
+
+    def _publish_loop(self) -> None:
+        """Hand queued messages to paho while the window and the connection allow."""
+        queue = self.queue
+        while True:
+            with queue.condition:
+                while not self.stopping.is_set() and not (
+                    self._central_connected and len(queue) and queue.outstanding < PUBLISH_WINDOW
+                ):
+                    queue.condition.wait(1.0)
+                if self.stopping.is_set():
+                    return
+                batch = queue.take(PUBLISH_WINDOW - queue.outstanding)
+                queue.outstanding += len(batch)
+            # Published outside the condition: paho calls on_publish holding its own lock.
+            # A QoS 1 message handed over while disconnected stays in paho's session
+            # and is sent on reconnect, so every message handed over counts as outstanding.
+            for topic, payload, retain in batch:
+                self.central.publish(topic, payload, qos=1, retain=retain)
+
+    def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, _mid: int, _reason_code: Any,
+                            _properties: Any) -> None:
+        with self.queue.condition:
+            self.queue.outstanding -= 1
+            self.queue.condition.notify()
+
+    def _on_central_connect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+                            _properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("central broker %s:%d refused the connection: %s", self.config.central_broker.host,
+                      self.config.central_broker.port, reason_text(reason_code))
+            return
+        log.info("connected to the central broker %s:%d", self.config.central_broker.host,
+                 self.config.central_broker.port)
+        self._central_connected = True
+        self._bridge_online = None  # a new connection: publish the state whatever was retained
+        self._update_bridge_state()
+        for meter_id in self.availability.online():
+            self._publish_availability(meter_id, "online")
+        with self.queue.condition:
+            self.queue.condition.notify()
+
+    def _on_central_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+                               _properties: Any) -> None:
+        self._central_connected = False
+        if not self._closing:
+            log.warning("disconnected from the central broker (%s); %d messages queued, reconnecting",
+                        reason_text(reason_code), len(self.queue))
+
+    def _update_bridge_state(self) -> None:
+        """``online`` means forwarding: subscribed on the internal side, connected centrally."""
+        online = self._internal_subscribed and self._central_connected
+        with self._state_lock:
+            if online == self._bridge_online or not self._central_connected:
+                return
+            self._bridge_online = online
+        self.queue_publish(self.bridge_topic, "online" if online else "offline", retain=True)
+        log.info("bridge state %s", "online" if online else "offline")
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the proxy until SIGTERM/SIGINT; the exit code."""
+    environ = os.environ if environ is None else environ
+    command_line = config_loader.parse_command_line(
+        sys.argv[1:] if argv is None else argv, environ, Path(__file__).resolve().parent,
+        "Forward clean KPM33B meter readings from the internal broker to the central broker.",
+    )
+    config = config_loader.load_or_exit(command_line, environ)
+    setup_logging(config.logging.level, environ)
+    log.info("starting: %s", config_loader.describe(config))
+    proxy = Proxy(config, state_directory(command_line.config_path, environ))
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    try:
+        proxy.start()
+    except StateLocked as error:
+        log.error("%s; refusing to start a second proxy", error)
+        return EXIT_STATE_LOCKED
+    proxy.run(stop)
+    proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""What both daemons do with MQTT and with their process, written once.
+
+Client construction (MQTT 5, credentials, TLS with host-name verification,
+last will, reconnect backoff), logging with syslog priorities for journald,
+rate-limited logging of hostile input, thread-safe counters and the
+SIGTERM/SIGINT handling. The daemons stay thin wiring on top of this.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from config_loader import BrokerSettings
+
+# Python has no level for syslog's "alert"; the missing-reply alerts need one
+# so that `journalctl -p alert` finds exactly them.
+ALERT = logging.CRITICAL + 5
+logging.addLevelName(ALERT, "ALERT")
+
+SYSLOG_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+    ALERT: 1,
+}
+
+# paho's own reconnect backoff (seconds): quick first retry, capped so that a
+# broker coming back is found within a minute.
+RECONNECT_MIN_DELAY = 1
+RECONNECT_MAX_DELAY = 60
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<priority>logger: message``: journald stores the priority and the time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = SYSLOG_PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        return f"<{priority}>{record.name}: {super().format(record)}"
+
+
+def setup_logging(level: str, environ: Mapping[str, str]) -> None:
+    """Log one line per event to stdout; with syslog priorities under systemd.
+
+    ``$JOURNAL_STREAM`` is set by systemd when stdout goes to the journal.
+    """
+    handler = logging.StreamHandler(sys.stdout)
+    if environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+class RateLimitedLog:
+    """Logs at most ``burst`` lines per ``window`` seconds and counts the rest.
+
+    A flood of garbage on the meters' broker must not flood the journal: the
+    first few rejections are logged in full, the rest summarised with counts
+    when the window ends.
+    """
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, window: float = 60.0) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.window = window
+        self._lock = threading.Lock()
+        self._window_start = time.monotonic()
+        self._logged = 0
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, reason: str, message: str, *args: object) -> None:
+        """Log a warning about input rejected for ``reason``, unless over the limit."""
+        now = time.monotonic()
+        with self._lock:
+            summary = self._roll_window(now)
+            allowed = self._logged < self.burst
+            if allowed:
+                self._logged += 1
+            else:
+                self._suppressed[reason] += 1
+        if summary:
+            self.logger.warning("%s", summary)
+        if allowed:
+            self.logger.warning(message, *args)
+
+    def flush(self) -> None:
+        """Log the summary of the current window now (at shutdown)."""
+        with self._lock:
+            summary = self._roll_window(self._window_start + self.window)
+        if summary:
+            self.logger.warning("%s", summary)
+
+    def _roll_window(self, now: float) -> str | None:
+        if now - self._window_start < self.window:
+            return None
+        summary = None
+        if self._suppressed:
+            counts = ", ".join(f"{reason} {count}" for reason, count in sorted(self._suppressed.items()))
+            summary = f"{sum(self._suppressed.values())} more rejected messages not logged ({counts})"
+        self._window_start = now
+        self._logged = 0
+        self._suppressed.clear()
+        return summary
+
+
+class Counters:
+    """Thread-safe named counters, for the stats and the tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, name: str, amount: int = 1) -> None:
+        """Add ``amount`` to the counter ``name``."""
+        with self._lock:
+            self._counts[name] += amount
+
+    def snapshot(self) -> dict[str, int]:
+        """A copy of all counters."""
+        with self._lock:
+            return dict(self._counts)
+
+    def get(self, name: str) -> int:
+        """The value of one counter (0 when never counted)."""
+        with self._lock:
+            return self._counts[name]
+
+
+def make_client(
+    settings: BrokerSettings,
+    client_id: str,
+    *,
+    will_topic: str | None = None,
+    will_payload: str | None = None,
+) -> mqtt.Client:
+    """An MQTT 5 client for ``settings``, not yet connected.
+
+    TLS always verifies the broker's certificate and host name: there is no
+    option to turn that off, and no plaintext fallback.
+    """
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls is not None:
+        client.tls_set(
+            ca_certs=settings.tls.ca_file,
+            certfile=settings.tls.cert_file,
+            keyfile=settings.tls.key_file,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    if will_topic is not None:
+        client.will_set(will_topic, will_payload, qos=1, retain=True)
+    client.reconnect_delay_set(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
+    # A failing callback is logged and the network thread carries on, instead of
+    # dying with the exception and leaving the daemon deaf.
+    client.suppress_exceptions = True
+    paho_log = logging.getLogger(f"paho.{client_id}")
+    paho_log.addFilter(_drop_disconnected_loop_noise)
+    client.enable_logger(paho_log)
+    return client
+
+
+def _drop_disconnected_loop_noise(record: logging.LogRecord) -> bool:
+    """paho logs an ERROR for every loop pass after a deliberate disconnect: not an error."""
+    return not record.getMessage().startswith("Client is not connected")
+
+
+def connect_in_background(client: mqtt.Client, settings: BrokerSettings, *,
+                          clean_start: bool = True, session_expiry: int = 0,
+                          receive_maximum: int | None = None) -> None:
+    """Start paho's network thread; it connects and reconnects with backoff by itself."""
+    properties = Properties(PacketTypes.CONNECT)
+    if session_expiry:
+        properties.SessionExpiryInterval = session_expiry
+    if receive_maximum:
+        properties.ReceiveMaximum = receive_maximum
+    client.connect_async(
+        settings.host,
+        settings.port,
+        keepalive=settings.keepalive_seconds,
+        clean_start=clean_start,
+        properties=properties,
+    )
+    client.loop_start()
+
+
+def reason_text(reason_code: Any) -> str:
+    """A reason code as words, whatever paho handed over."""
+    return str(getattr(reason_code, "getName", lambda: reason_code)())
+
+
+def network_thread_alive(client: mqtt.Client) -> bool:
+    """Whether paho's network thread still runs (for the systemd watchdog)."""
+    thread = getattr(client, "_thread", None)
+    return thread is not None and thread.is_alive()
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``; the main loop finishes and exits 0."""
+
+    def handle(signum: int, _frame: object) -> None:
+        logging.getLogger("signal").info("%s received, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures: real brokers on free ports, paths to the captures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from broker import Mosquitto  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture
+def internal_broker() -> Iterator[Mosquitto]:
+    """An internal (meter-side) broker for one test."""
+    broker = Mosquitto().start()
+    yield broker
+    broker.cleanup()
+
+
+@pytest.fixture
+def central_broker() -> Iterator[Mosquitto]:
+    """A central (consumer-side) broker for one test."""
+    broker = Mosquitto().start()
+    yield broker
+    broker.cleanup()

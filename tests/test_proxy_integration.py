@@ -1,0 +1,245 @@
+"""The proxy between two real Mosquitto processes: raw in, clean out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from broker import Mosquitto, wait_for
+from daemons import ROOT, Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+
+import config_loader
+from data_mapping import MINUTES, MeterDataProcessor
+from kpm33b_proxy import Proxy
+
+FIXTURES = ROOT / "tests" / "fixtures"
+RT_DATA = (FIXTURES / "MQTT_RT_DATA_2026-01-12.log").read_text().split(" ", 1)[1].strip()
+
+
+def eny_now(meter_id: str, time_text: str, energy: float) -> str:
+    """A minimal but valid ENY_NOW packet."""
+    return json.dumps({"id": meter_id, "zygsz": energy, "fygsz": 0.0, "time": time_text, "isend": "1"})
+
+
+def minute_times(count: int) -> list[str]:
+    """``count`` distinct meter times, one minute apart."""
+    return [f"202601{1 + i // 1440:02d}{(i % 1440) // 60:02d}{i % 60:02d}00" for i in range(count)]
+
+
+@pytest.fixture
+def proxy_config(tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> Path:
+    return write_config(tmp_path, config_dict(internal_broker.port, central_broker.port,
+                                              exclude=["33B9999999999"]))
+
+
+@pytest.fixture
+def proxy(proxy_config: Path, central_broker: Mosquitto):
+    bridge = Collector(central_broker.port, "kpm33b/bridge/state")
+    daemon = DaemonProcess("kpm33b_proxy.py", proxy_config)
+    wait_for(lambda: bridge.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
+    bridge.close()
+    yield daemon
+    if daemon.alive():
+        daemon.kill()
+
+
+def test_raw_readings_come_out_clean_retained_on_both_topics(proxy, internal_broker, central_broker):
+    live = Collector(central_broker.port, "kpm33b/#")
+    client = publisher(internal_broker.port)
+    publish_all(client, [("MQTT_RT_DATA", RT_DATA), ("MQTT_ENY_NOW", eny_now("33B1225950027", "20260117211500",
+                                                                             163.486))])
+    wait_for(lambda: live.count("/minutes") and live.count("/seconds"))
+    assert not any(retained for _topic, _payload, retained in live.messages if "33B" in _topic)
+    live.close()
+    collector = Collector(central_broker.port, "kpm33b/#")
+    wait_for(lambda: collector.count("/minutes") and collector.count("/seconds"))
+    assert collector.on("kpm33b/33B1225950027/seconds") == [
+        b'{"id": "33B1225950027", "time": "2026-01-12T16:39:00", "active_power": 6.6905}'
+    ]
+    assert collector.on("kpm33b/33B1225950027/minutes") == [
+        b'{"id": "33B1225950027", "time": "2026-01-17T21:15:00", "active_energy": 163.486}'
+    ]
+    assert collector.on("kpm33b/33B1225950027/availability") == [b"online"]
+    assert collector.on("kpm33b/bridge/state") == [b"online"]
+    # The late subscriber got all of them from the broker's retained store.
+    assert all(retained for _topic, _payload, retained in collector.messages)
+    client.disconnect()
+    collector.close()
+
+
+def test_capture_replay_through_the_daemon_equals_the_pure_mapping(proxy, internal_broker, central_broker):
+    lines = (FIXTURES / "MQTT_ENY_NOW_2026-01-12.log").read_text().splitlines()
+    processor = MeterDataProcessor()
+    expected = [
+        (f"kpm33b/{o.message.meter_id}/minutes", json.dumps(o.message.payload).encode())
+        for o in (processor.process(MINUTES, line.split(" ", 1)[1].encode(), 0.0) for line in lines)
+        if o.message is not None
+    ]
+    assert len(expected) == 624
+    collector = Collector(central_broker.port, "kpm33b/+/minutes")
+    client = publisher(internal_broker.port)
+    publish_all(client, [tuple(line.split(" ", 1)) for line in lines])  # 2072 at once: above the 1,000 queue
+    wait_for(lambda: collector.count("/minutes") >= 624, timeout=30)
+    received = [(topic, payload) for topic, payload, _ in collector.messages]
+    assert received == expected
+    energies: dict[str, float] = {}
+    for topic, payload in received:
+        reading = json.loads(payload)
+        assert reading["active_energy"] > 0
+        assert reading["active_energy"] >= energies.get(topic, 0.0)
+        energies[topic] = reading["active_energy"]
+    client.disconnect()
+    collector.close()
+
+
+GARBAGE: list[bytes] = [
+    b"garbage",
+    b"",
+    b"\xff\xfe\x00 not utf-8",
+    b"[1, 2, 3]",
+    b'{"id": "33B12/5950027", "zygsz": 1.0, "time": "20260112170000", "isend": "1"}',
+    b'{"id": "33B1225950+27", "zygsz": 1.0, "time": "20260112170000", "isend": "1"}',
+    b'{"id": "33B12259500#7", "zygsz": 1.0, "time": "20260112170000", "isend": "1"}',
+    b'{"id": "33B1225950027", "zygsz": NaN, "time": "20260112170000", "isend": "1"}',
+    b'{"id": "33B1225950027", "zygsz": "12", "time": "20260112170000", "isend": "1"}',
+    b'{"id": "33B1225950027", "zygsz": 1.0, "time": "2026-01-12", "isend": "1"}',
+    b'{"id": "33B1225950027", "zygsz": 1.0, "time": "20260112170000", "isend": 1}',
+    b"[" * 100_000,
+    b'{"id": "33B1225950027", "pad": "' + b"x" * 60_000 + b'"}',
+]
+
+
+def test_garbage_is_rejected_and_every_valid_reading_arrives(proxy, internal_broker, central_broker):
+    collector = Collector(central_broker.port, "kpm33b/#")
+    client = publisher(internal_broker.port)
+    times = minute_times(1500)
+    messages: list[tuple[str, bytes | str]] = []
+    for index, meter_time in enumerate(times):
+        messages.append(("MQTT_ENY_NOW", eny_now("33B1225950027", meter_time, 100.0 + index)))
+        messages.append(("MQTT_ENY_NOW", GARBAGE[index % len(GARBAGE)]))
+    publish_all(client, messages)
+    wait_for(lambda: collector.count("/minutes") >= 1500, timeout=30)
+    assert [json.loads(p)["time"] for p in collector.on("kpm33b/33B1225950027/minutes")] == [
+        f"{t[0:4]}-{t[4:6]}-{t[6:8]}T{t[8:10]}:{t[10:12]}:{t[12:14]}" for t in times
+    ]
+    assert all(topic.startswith("kpm33b/33B1225950027/") or topic == "kpm33b/bridge/state"
+               for topic in collector.topics())
+    assert proxy.alive()
+    client.disconnect()
+    collector.close()
+    assert proxy.terminate() == 0
+    output = proxy.output()
+    assert output.count("rejected a message on MQTT_ENY_NOW") == 10  # rate-limited
+    assert "more rejected messages not logged" in output
+
+
+def test_central_broker_restart_mid_stream_loses_nothing(proxy, internal_broker, central_broker):
+    collector = Collector(central_broker.port, "kpm33b/+/minutes", client_id="restart-test", persistent=True)
+    client = publisher(internal_broker.port)
+    times = minute_times(1200)
+    publish_all(client, [("MQTT_ENY_NOW", eny_now("33B1225950027", t, 10.0 + i))
+                         for i, t in enumerate(times[:600])])
+    wait_for(lambda: collector.count() >= 600, timeout=30)
+    central_broker.stop()
+    publish_all(client, [("MQTT_ENY_NOW", eny_now("33B1225950027", t, 610.0 + i))
+                         for i, t in enumerate(times[600:])])
+    central_broker.start()
+    wait_for(lambda: collector.count() >= 1200, timeout=60)
+    energies = [json.loads(p)["active_energy"] for p in collector.on("kpm33b/33B1225950027/minutes")]
+    assert energies == [10.0 + i for i in range(600)] + [610.0 + i for i in range(600)]
+    client.disconnect()
+    collector.close()
+
+
+def test_last_will_reports_offline_when_the_proxy_is_killed(proxy, central_broker):
+    collector = Collector(central_broker.port, "kpm33b/bridge/state")
+    wait_for(lambda: collector.on("kpm33b/bridge/state") == [b"online"])
+    proxy.kill()
+    wait_for(lambda: collector.on("kpm33b/bridge/state") == [b"online", b"offline"])
+    collector.close()
+
+
+def test_sigterm_publishes_offline_and_exits_zero(proxy, central_broker):
+    collector = Collector(central_broker.port, "kpm33b/bridge/state")
+    wait_for(lambda: collector.on("kpm33b/bridge/state") == [b"online"])
+    assert proxy.terminate() == 0
+    wait_for(lambda: collector.on("kpm33b/bridge/state") == [b"online", b"offline"])
+    collector.close()
+    assert "Traceback" not in proxy.output()
+
+
+def test_excluded_meter_is_ignored_entirely(proxy, internal_broker, central_broker):
+    collector = Collector(central_broker.port, "kpm33b/#")
+    client = publisher(internal_broker.port)
+    publish_all(client, [("MQTT_ENY_NOW", eny_now("33B9999999999", "20260117211500", 5.0)),
+                         ("MQTT_ENY_NOW", eny_now("33B1225950027", "20260117211500", 5.0))])
+    wait_for(lambda: collector.count("/minutes"))
+    assert not [t for t in collector.topics() if "33B9999999999" in t]
+    client.disconnect()
+    collector.close()
+
+
+def test_energy_guard_holds_across_a_restart(proxy_config, internal_broker, central_broker):
+    collector = Collector(central_broker.port, "kpm33b/+/minutes")
+    client = publisher(internal_broker.port)
+    first = DaemonProcess("kpm33b_proxy.py", proxy_config)
+    wait_for(lambda: "subscribed to" in first.output())
+    publish_all(client, [("MQTT_ENY_NOW", eny_now("33B1225950027", "20260117211500", 163.486))])
+    wait_for(lambda: collector.count() == 1)
+    assert first.terminate() == 0
+    second = DaemonProcess("kpm33b_proxy.py", proxy_config)
+    wait_for(lambda: "subscribed to" in second.output())
+    publish_all(client, [("MQTT_ENY_NOW", eny_now("33B1225950027", "20260117213000", 31.057)),
+                         ("MQTT_ENY_NOW", eny_now("33B1225950027", "20260117214500", 163.5))])
+    wait_for(lambda: collector.count() == 2)
+    assert [json.loads(p)["active_energy"] for p in collector.on("kpm33b/33B1225950027/minutes")] == [
+        163.486, 163.5]
+    assert "loaded the last energy of 1 meters" in second.output()
+    assert second.terminate() == 0
+    client.disconnect()
+    collector.close()
+
+
+def test_a_second_proxy_on_the_same_state_directory_refuses_to_start(proxy, proxy_config):
+    second = DaemonProcess("kpm33b_proxy.py", proxy_config)
+    assert second.wait(15) == 3
+    assert "is in use by another kpm33b_proxy process" in second.output()
+    assert proxy.alive()
+
+
+def test_meter_goes_offline_after_silence_and_online_again(tmp_path, internal_broker, central_broker):
+    config = config_loader.parse_config(config_dict(internal_broker.port, central_broker.port), {})
+    collector = Collector(central_broker.port, "kpm33b/+/availability")
+    proxy = Proxy(config, tmp_path / "state")
+    proxy.start()
+    try:
+        wait_for(lambda: proxy._bridge_online)
+        client = publisher(internal_broker.port)
+        publish_all(client, [("MQTT_RT_DATA", RT_DATA)])
+        wait_for(lambda: collector.on("kpm33b/33B1225950027/availability") == [b"online"])
+        proxy.tick(time.monotonic() + 2.5 * 60 + 1)  # silent for longer than 2.5 x 60 s
+        wait_for(lambda: collector.on("kpm33b/33B1225950027/availability") == [b"online", b"offline"])
+        publish_all(client, [("MQTT_RT_DATA", RT_DATA)])
+        wait_for(lambda: collector.on("kpm33b/33B1225950027/availability") == [b"online", b"offline", b"online"])
+        client.disconnect()
+    finally:
+        proxy.stop()
+        collector.close()
+
+
+@pytest.mark.parametrize(("document", "code"), [({"meters": {"upload_frequency_seconds": 45}}, 2), ({}, 0)])
+def test_check_config_reports_problems_with_exit_code_two(tmp_path, document, code):
+    path = write_config(tmp_path, document)
+    result = subprocess.run([sys.executable, str(ROOT / "kpm33b_proxy.py"), "--config", str(path), "--check-config"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == code
+    assert "Traceback" not in result.stderr
+    if code:
+        assert result.stderr.splitlines()[1:] == [
+            "  meters.upload_frequency_seconds: 45 is not allowed; expected one of 30, 60, 300, 600, 900, 1200, "
+            "1800, 3600"
+        ]
