@@ -58,6 +58,10 @@ class MeterAvailability:
             self._online.difference_update(offline)
             return sorted(offline)
 
+    def __len__(self) -> int:
+        """How many meters are tracked (online or recently offline)."""
+        return len(self._last_seen)
+
     def online(self) -> list[str]:
         """The meters online now."""
         with self._lock:

@@ -137,6 +137,13 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """How often the daemons publish and log their counters."""
+
+    stats_interval_seconds: int = 60
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -146,6 +153,7 @@ class Config:
     central_broker_topics: CentralTopics = CentralTopics()
     meters: MeterSettings = MeterSettings()
     logging: LoggingSettings = LoggingSettings()
+    health: HealthSettings = HealthSettings()
 
 
 # --- validation -------------------------------------------------------------
@@ -416,6 +424,7 @@ def parse_config(raw: object, environ: Mapping[str, str]) -> Config:
                                            _main_topic),
         meters=_read_meters(root.section("meters")),
         logging=_read_topics(root.section("logging"), LoggingSettings(), _log_level),
+        health=_read_topics(root.section("health"), HealthSettings(), _integer(1, 86400)),
     )
     root.finish()
     if problems:

@@ -20,6 +20,7 @@ last will) otherwise.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -38,6 +39,7 @@ from availability import MeterAvailability, silence_limit
 from config_loader import Config
 from data_mapping import MINUTES, SECONDS, MeterDataProcessor, MeterMemory, clean_topic, encode_payload
 from mqtt_common import (
+    ConnectionReporter,
     Counters,
     RateLimitedLog,
     connect_in_background,
@@ -68,6 +70,19 @@ def state_directory(config_path: Path, environ: Mapping[str, str]) -> Path:
     if from_systemd:
         return Path(from_systemd.split(":")[0])
     return config_path.resolve().parent / "state"
+
+
+def stats_payload(counters: Mapping[str, int], drops: Mapping[str, int], queue_depth: int, meters: int,
+                  uptime_seconds: float) -> dict[str, object]:
+    """The retained ``<main>/bridge/stats`` document."""
+    return {
+        "received": counters.get("received", 0),
+        "forwarded": counters.get("forwarded", 0),
+        "dropped": dict(sorted(drops.items())),
+        "queue_depth": queue_depth,
+        "meters": meters,
+        "uptime_seconds": round(uptime_seconds),
+    }
 
 
 class OutgoingQueue:
@@ -138,6 +153,10 @@ class Proxy:
             will_topic=self.bridge_topic,
             will_payload="offline",
         )
+        self.internal_reporter = ConnectionReporter(self.internal, "internal", config.internal_broker, log)
+        self.central_reporter = ConnectionReporter(self.central, "central", config.central_broker, log)
+        self.stats_topic = f"{self.main_topic}/bridge/stats"
+        self._next_stats = self.started_at + config.health.stats_interval_seconds
         self.internal.on_connect = self._on_internal_connect
         self.internal.on_disconnect = self._on_internal_disconnect
         self.internal.on_subscribe = self._on_internal_subscribe
@@ -176,6 +195,25 @@ class Proxy:
         if self.journal.needs_compaction():
             with self._state_lock:
                 self.journal.compact(self.memory.energy_snapshot())
+        if now >= self._next_stats:
+            self._next_stats = now + self.config.health.stats_interval_seconds
+            self.publish_stats(now)
+
+    def stats(self, now: float) -> dict[str, object]:
+        """The counters as published on ``<main>/bridge/stats``."""
+        # dict() of a Counter is one atomic copy under the GIL: the paho thread may be counting.
+        drops = dict(self.processor.drops)
+        queue_full = self.counters.get("dropped.queue_full")
+        if queue_full:
+            drops["queue_full"] = queue_full
+        return stats_payload(self.counters.snapshot(), drops, len(self.queue), len(self.availability),
+                             now - self.started_at)
+
+    def publish_stats(self, now: float) -> None:
+        """Publish the stats (retained) and log them on one line."""
+        stats = self.stats(now)
+        self.queue_publish(self.stats_topic, json.dumps(stats), retain=True)
+        log.info("stats: %s", json.dumps(stats))
 
     def healthy(self) -> bool:
         """For the systemd watchdog: both network loops and the timers are alive."""
@@ -192,6 +230,7 @@ class Proxy:
         self.internal.disconnect()
         self.internal.loop_stop()
         self._internal_subscribed = False
+        self.publish_stats(time.monotonic())
         self._update_bridge_state()  # offline, queued behind the readings still to deliver
         deadline = time.monotonic() + SHUTDOWN_DRAIN_SECONDS
         while (len(self.queue) or self.queue.outstanding) and self._central_connected \
@@ -208,16 +247,13 @@ class Proxy:
             self.journal.close()
         self.rejections.flush()
         left = len(self.queue) + self.queue.outstanding
-        log.info("stopped: %s%s", self.counters.snapshot(),
-                 f"; {left} messages not delivered" if left else "")
+        log.info("stopped%s", f"; {left} messages could not be delivered" if left else "")
 
     # --- internal broker (meters) ------------------------------------------------
 
     def _on_internal_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                              _properties: Any) -> None:
-        if reason_code.is_failure:
-            log.error("internal broker %s:%d refused the connection: %s", self.config.internal_broker.host,
-                      self.config.internal_broker.port, reason_text(reason_code))
+        if not self.internal_reporter.connected(reason_code):
             return
         log.info("connected to the internal broker %s:%d", self.config.internal_broker.host,
                  self.config.internal_broker.port)
@@ -238,8 +274,7 @@ class Proxy:
     def _on_internal_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                                 _properties: Any) -> None:
         self._internal_subscribed = False
-        if not self._closing:
-            log.warning("disconnected from the internal broker (%s); reconnecting", reason_text(reason_code))
+        self.internal_reporter.disconnected(reason_code, deliberate=self._closing)
         self._update_bridge_state()
 
     def _on_internal_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -264,7 +299,6 @@ class Proxy:
                 with self._state_lock:
                     self.journal.record(clean.meter_id, energy)
         elif outcome.reason is not None:
-            self.counters.add(f"dropped.{outcome.reason}")
             if outcome.meter_id is None:
                 self.rejections.warning(outcome.reason, "rejected a message on %s: %s", message.topic,
                                         outcome.detail)
@@ -311,9 +345,7 @@ class Proxy:
 
     def _on_central_connect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                             _properties: Any) -> None:
-        if reason_code.is_failure:
-            log.error("central broker %s:%d refused the connection: %s", self.config.central_broker.host,
-                      self.config.central_broker.port, reason_text(reason_code))
+        if not self.central_reporter.connected(reason_code):
             return
         log.info("connected to the central broker %s:%d", self.config.central_broker.host,
                  self.config.central_broker.port)
@@ -328,9 +360,9 @@ class Proxy:
     def _on_central_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                                _properties: Any) -> None:
         self._central_connected = False
-        if not self._closing:
-            log.warning("disconnected from the central broker (%s); %d messages queued, reconnecting",
-                        reason_text(reason_code), len(self.queue))
+        self.central_reporter.disconnected(reason_code, deliberate=self._closing)
+        if len(self.queue) and not self._closing:
+            log.warning("%d messages queued until the central broker is back", len(self.queue))
 
     def _update_bridge_state(self) -> None:
         """``online`` means forwarding: subscribed on the internal side, connected centrally."""

@@ -9,7 +9,9 @@ SIGTERM/SIGINT handling. The daemons stay thin wiring on top of this.
 from __future__ import annotations
 
 import logging
+import random
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -39,10 +41,16 @@ SYSLOG_PRIORITY = {
     ALERT: 1,
 }
 
-# paho's own reconnect backoff (seconds): quick first retry, capped so that a
-# broker coming back is found within a minute.
-RECONNECT_MIN_DELAY = 1
-RECONNECT_MAX_DELAY = 60
+# paho's own reconnect backoff (seconds): quick first retry, doubling, capped so
+# that a broker coming back is found within a minute. Each client draws its own
+# first delay (the jitter), so that many clients do not retry in lock-step.
+RECONNECT_MIN_DELAY = 1.0
+RECONNECT_MAX_DELAY = 60.0
+# After the broker refused our credentials, retrying fast cannot help.
+REFUSED_MIN_DELAY = 30.0
+REFUSED_MAX_DELAY = 300.0
+CREDENTIALS_REFUSED = frozenset(("Bad user name or password", "Not authorized"))
+SESSION_TAKEN_OVER = "Session taken over"
 
 
 class _JournalFormatter(logging.Formatter):
@@ -173,7 +181,7 @@ def make_client(
         )
     if will_topic is not None:
         client.will_set(will_topic, will_payload, qos=1, retain=True)
-    client.reconnect_delay_set(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY)
+    reset_backoff(client)
     # A failing callback is logged and the network thread carries on, instead of
     # dying with the exception and leaving the daemon deaf.
     client.suppress_exceptions = True
@@ -205,6 +213,87 @@ def connect_in_background(client: mqtt.Client, settings: BrokerSettings, *,
         properties=properties,
     )
     client.loop_start()
+
+
+def reset_backoff(client: mqtt.Client) -> None:
+    """The normal reconnect backoff, with a jittered first delay."""
+    client.reconnect_delay_set(RECONNECT_MIN_DELAY * random.uniform(1.0, 2.0), RECONNECT_MAX_DELAY)
+
+
+def slow_backoff(client: mqtt.Client) -> None:
+    """Retry slowly: the broker refused us, and hammering it will not change that."""
+    client.reconnect_delay_set(REFUSED_MIN_DELAY * random.uniform(1.0, 1.5), REFUSED_MAX_DELAY)
+
+
+def describe_connect_failure(error: BaseException | None) -> str:
+    """Why a connection attempt failed, in words an operator can act on."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate of the broker not accepted: {error.verify_message}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS failed: {error.reason or error}"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (is the broker running, and is the port right?)"
+    if isinstance(error, socket.gaierror):
+        return f"host name not found ({error.strerror})"
+    if isinstance(error, OSError):
+        return error.strerror or str(error) or type(error).__name__
+    return "unknown error"
+
+
+class ConnectionReporter:
+    """Logs a broker connection's failures clearly and adapts the backoff.
+
+    TLS problems (wrong CA, wrong host name) are ERRORs naming the cause,
+    never followed by a plaintext attempt; refused credentials are an ERROR
+    and slow the retries down; a session taken over by another client with the
+    same id is an ERROR saying so, retried slowly instead of fighting for it.
+    """
+
+    def __init__(self, client: mqtt.Client, name: str, settings: BrokerSettings, logger: logging.Logger) -> None:
+        self.client = client
+        self.where = f"{name} broker {settings.host}:{settings.port}"
+        self.log = logger
+        self.slowed = False
+        client.on_connect_fail = self._on_connect_fail
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        # paho calls this inside its `except OSError` block: the error is at hand.
+        error = sys.exc_info()[1]
+        level = logging.ERROR if isinstance(error, ssl.SSLError) else logging.WARNING
+        self.log.log(level, "cannot connect to the %s: %s; retrying", self.where, describe_connect_failure(error))
+
+    def connected(self, reason_code: Any) -> bool:
+        """Call from on_connect: False (and logged) when the broker refused us."""
+        if not reason_code.is_failure:
+            if self.slowed:
+                reset_backoff(self.client)
+                self.slowed = False
+            return True
+        reason = reason_text(reason_code)
+        if reason in CREDENTIALS_REFUSED:
+            self.log.error("the %s refused the credentials (%s): check the username and password; "
+                           "retrying slowly", self.where, reason)
+            self._slow_down()
+        else:
+            self.log.error("the %s refused the connection: %s", self.where, reason)
+        return False
+
+    def disconnected(self, reason_code: Any, deliberate: bool) -> None:
+        """Call from on_disconnect."""
+        if deliberate:
+            return
+        reason = reason_text(reason_code)
+        if reason == SESSION_TAKEN_OVER:
+            self.log.error("another client with the same client id took over the session on the %s "
+                           "(a second instance running?); retrying slowly", self.where)
+            self._slow_down()
+        else:
+            self.log.warning("disconnected from the %s (%s); reconnecting", self.where, reason)
+
+    def _slow_down(self) -> None:
+        if not self.slowed:
+            slow_backoff(self.client)
+            self.slowed = True
 
 
 def reason_text(reason_code: Any) -> str:
