@@ -8,6 +8,7 @@ broker outages.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -61,7 +62,11 @@ class Mosquitto:
         self.log_path = self.workdir / "mosquitto.log"
         if config_file is None:
             config_file = self.workdir / "mosquitto.conf"
+            # Started as root (as in CI), mosquitto would drop to the `mosquitto`
+            # user, which cannot write its log or persistence file here.
+            run_as = "user root\n" if os.geteuid() == 0 else ""
             config_file.write_text(
+                run_as +
                 f"listener {self.port} 127.0.0.1\n"
                 f"allow_anonymous {'true' if anonymous else 'false'}\n"
                 f"persistence true\n"
