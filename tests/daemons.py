@@ -44,11 +44,20 @@ class Collector:
     def __init__(self, port: int, *topics: str, client_id: str = "", persistent: bool = False) -> None:
         """``persistent``: a session that the broker keeps (and persists) across a restart of either side."""
         self.messages: list[tuple[str, bytes, bool]] = []
+        # QoS 1 is at-least-once between the broker and this collector too: after a
+        # broker restart it may resend what we had received (flagged DUP). Those are
+        # counted here and left out of `messages`, which then shows what the
+        # publisher sent, duplicates included.
+        self.redelivered = 0
+        self._seen: set[tuple[str, bytes]] = set()
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe([(topic, 1) for topic in topics])
+        # With a session kept by the broker the subscriptions are still there:
+        # subscribing again would replay the retained messages as if new.
+        self.client.on_connect = lambda c, _u, flags, *_: (
+            None if flags.session_present else c.subscribe([(topic, 1) for topic in topics]))
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
@@ -62,7 +71,12 @@ class Collector:
             raise AssertionError("collector could not subscribe")
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        key = (message.topic, message.payload)
         with self._lock:
+            if message.dup and key in self._seen:
+                self.redelivered += 1
+                return
+            self._seen.add(key)
             self.messages.append((message.topic, message.payload, bool(message.retain)))
 
     def on(self, topic: str) -> list[bytes]:
