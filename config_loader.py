@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from data_mapping import METER_ID_PATTERN
+from data_mapping import METER_ID_PATTERN, PER_PHASE_GROUPS
 
 ALLOWED_SECONDS_INTERVALS = (30, 60, 300, 600, 900, 1200, 1800, 3600)
 ALLOWED_MINUTES_INTERVALS = (1, 5, 10, 15, 20, 30, 60, 1440)
@@ -93,6 +93,9 @@ class DeviceSettings:
     name: str | None = None
     upload_frequency_seconds: int | None = None
     upload_frequency_minutes: int | None = None
+    # Per-phase groups (PER_PHASE_GROUPS) added to this meter's seconds payload
+    # and Home Assistant entities, in canonical order.
+    per_phase: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,16 @@ class MeterSettings:
 
 
 @dataclass(frozen=True)
+class HomeAssistantSettings:
+    """Home Assistant MQTT discovery, published by the proxy on the central broker."""
+
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+    # Shown by Home Assistant as the support link of the discovering software.
+    origin_url: str | None = None
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     """How much the daemons log."""
 
@@ -153,6 +166,7 @@ class Config:
     central_broker_topics: CentralTopics = CentralTopics()
     meters: MeterSettings = MeterSettings()
     logging: LoggingSettings = LoggingSettings()
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
     health: HealthSettings = HealthSettings()
 
 
@@ -175,15 +189,18 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            problems.append(f"{path}: {_show(data)} is not allowed; expected a mapping of keys")
+            problems.append(f"{path or 'the document'}: {_show(data)} is not allowed; expected a mapping of keys")
             data = {}
         self.data: dict[Any, Any] = data
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def get(self, key: str, validator: Validator, default: Any) -> Any:
-        """The validated value of ``key``, or ``default`` when absent or invalid."""
+    def get(self, key: str, validator: Validator, default: Any, secret: bool = False) -> Any:
+        """The validated value of ``key``, or ``default`` when absent or invalid.
+
+        A ``secret`` value is never echoed in the problem, even when invalid.
+        """
         self.used.add(key)
         if key not in self.data:
             return default
@@ -191,7 +208,8 @@ class _Section:
         try:
             return validator(value)
         except _Invalid as allowed:
-            self.problems.append(f"{self.key_path(key)}: {_show(value)} is not allowed; expected {allowed}")
+            shown = "the value (hidden)" if secret else _show(value)
+            self.problems.append(f"{self.key_path(key)}: {shown} is not allowed; expected {allowed}")
             return default
 
     def section(self, key: str) -> _Section:
@@ -294,6 +312,37 @@ def _meter_id(value: Any) -> str:
     return value
 
 
+def _per_phase(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(group, str) and group in PER_PHASE_GROUPS for group in value)
+        or len(set(value)) != len(value)
+    ):
+        raise _Invalid("a list without duplicates of " + ", ".join(PER_PHASE_GROUPS))
+    return tuple(group for group in PER_PHASE_GROUPS if group in value)
+
+
+def _url(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+\S*", value):
+        raise _Invalid("an http:// or https:// URL, or null")
+    return value
+
+
+def _read_homeassistant(section: _Section) -> HomeAssistantSettings:
+    defaults = HomeAssistantSettings()
+    settings = HomeAssistantSettings(
+        discovery=section.get("discovery", _boolean, defaults.discovery),
+        discovery_prefix=section.get("discovery_prefix", _main_topic, defaults.discovery_prefix),
+        origin_url=section.get("origin_url", _url, defaults.origin_url),
+    )
+    section.finish()
+    return settings
+
+
 def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise _Invalid("one of " + ", ".join(LOG_LEVELS))
@@ -317,6 +366,10 @@ def _read_tls(section: _Section) -> TlsSettings | None:
         return None
     if raw is True:
         return TlsSettings()
+    if not isinstance(raw, dict):
+        section.problems.append(f"{section.key_path('tls')}: {_show(raw)} is not allowed; expected true, false "
+                                "or a mapping with ca_file, cert_file and key_file")
+        return None
     tls = section.section("tls")
     settings = TlsSettings(
         ca_file=tls.get("ca_file", _existing_file, None),
@@ -334,7 +387,7 @@ def _read_tls(section: _Section) -> TlsSettings | None:
 def _read_broker(section: _Section, default: BrokerSettings, env_prefix: str,
                  environ: Mapping[str, str], queued: bool = False) -> BrokerSettings:
     username = section.get("username", _optional_text, None)
-    password = section.get("password", _optional_text, None)
+    password = section.get("password", _optional_text, None, secret=True)
     settings = BrokerSettings(
         host=section.get("host", _host, default.host),
         port=section.get("port", _integer(1, 65535), default.port),
@@ -402,6 +455,7 @@ def _read_meters(section: _Section) -> MeterSettings:
             name=device.get("name", _text, None),
             upload_frequency_seconds=device.get("upload_frequency_seconds", seconds, None),
             upload_frequency_minutes=device.get("upload_frequency_minutes", minutes, None),
+            per_phase=device.get("per_phase", _per_phase, ()),
         )
         device.finish()
     section.finish()
@@ -424,6 +478,7 @@ def parse_config(raw: object, environ: Mapping[str, str]) -> Config:
                                            _main_topic),
         meters=_read_meters(root.section("meters")),
         logging=_read_topics(root.section("logging"), LoggingSettings(), _log_level),
+        homeassistant=_read_homeassistant(root.section("homeassistant")),
         health=_read_topics(root.section("health"), HealthSettings(), _integer(1, 86400)),
     )
     root.finish()

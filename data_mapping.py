@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -33,6 +33,17 @@ KINDS = (SECONDS, MINUTES)
 
 # The tag of the one value each clean message carries, and its clean name.
 VALUE_TAGS = {SECONDS: ("zyggl", "active_power"), MINUTES: ("zygsz", "active_energy")}
+
+# Optional per-phase values, asked for per meter (meters.devices.<id>.per_phase):
+# group → (tag, clean name) pairs added to that meter's SECONDS payload.
+PER_PHASE_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "voltage": (("ua", "voltage_l1"), ("ub", "voltage_l2"), ("uc", "voltage_l3")),
+    "current": (("ia", "current_l1"), ("ib", "current_l2"), ("ic", "current_l3")),
+    "power": (("pa", "active_power_l1"), ("pb", "active_power_l2"), ("pc", "active_power_l3")),
+    "power_factor": (("pfa", "power_factor_l1"), ("pfb", "power_factor_l2"), ("pfc", "power_factor_l3"),
+                     ("zglys", "power_factor")),
+}
+PER_PHASE_GROUPS = tuple(PER_PHASE_FIELDS)
 
 METER_ID_PATTERN = re.compile(r"[0-9A-Za-z]{13}")
 METER_TIME_PATTERN = re.compile(r"[0-9]{14}")
@@ -116,10 +127,21 @@ def clean_topic(main_topic: str, meter_id: str, kind: str) -> str:
     return f"{main_topic}/{meter_id}/{kind}"
 
 
-def clean_payload(kind: str, meter_id: str, meter_time: str, values: dict[str, float]) -> dict[str, object]:
-    """The clean reading: id, ISO time and the one value; a missing tag is ``None``."""
+def clean_payload(kind: str, meter_id: str, meter_time: str, values: dict[str, float],
+                  per_phase: Iterable[str] = ()) -> dict[str, object]:
+    """The clean reading: id, ISO time and the one value; a missing tag is ``None``.
+
+    ``per_phase`` groups (see PER_PHASE_FIELDS) add their fields to a SECONDS
+    reading, only for the meters that ask for them: the others keep the
+    minimal payload that existing consumers parse.
+    """
     tag, name = VALUE_TAGS[kind]
-    return {"id": meter_id, "time": iso_time(meter_time), name: values.get(tag)}
+    payload: dict[str, object] = {"id": meter_id, "time": iso_time(meter_time), name: values.get(tag)}
+    if kind == SECONDS:
+        for group in per_phase:
+            for phase_tag, field in PER_PHASE_FIELDS[group]:
+                payload[field] = values.get(phase_tag)
+    return payload
 
 
 def encode_payload(payload: dict[str, object]) -> bytes:
@@ -129,6 +151,14 @@ def encode_payload(payload: dict[str, object]) -> bytes:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(name)
+
+
+def _is_finite(value: float) -> bool:
+    """Finite, and representable as a float (a 400-digit integer is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def parse_packet(raw: bytes) -> Packet:
@@ -162,7 +192,7 @@ def parse_packet(raw: bytes) -> Packet:
     for tag, value in document.items():
         if tag in ENVELOPE_KEYS:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _is_finite(value):
             raise Rejected(REJECT_BAD_VALUE, f"meter {meter_id}: {str(tag)[:30]!r} is {str(value)[:30]!r}, "
                                              "not a finite number")
         values[tag] = value
@@ -226,6 +256,17 @@ class PacketAssembler:
         return drops
 
 
+class _MeterRecord:
+    """The filters' memory of one meter: compact, since there may be 100,000 of them."""
+
+    __slots__ = ("energy", "recent_minutes", "recent_seconds")
+
+    def __init__(self) -> None:
+        self.recent_seconds: tuple[str, ...] = ()
+        self.recent_minutes: tuple[str, ...] = ()
+        self.energy: float | None = None
+
+
 class MeterMemory:
     """What the filters remember per meter, bounded to ``max_meters`` (least recently seen go first).
 
@@ -239,43 +280,51 @@ class MeterMemory:
 
     def __init__(self, max_meters: int = 200_000) -> None:
         self.max_meters = max_meters
-        self._recent: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
-        self._energy: OrderedDict[str, float] = OrderedDict()
+        self._meters: OrderedDict[str, _MeterRecord] = OrderedDict()
 
     def is_duplicate(self, meter_id: str, kind: str, meter_time: str) -> bool:
         """Whether a reading with this meter time was already forwarded."""
-        recent = self._recent.get((meter_id, kind))
-        return recent is not None and meter_time in recent
+        record = self._meters.get(meter_id)
+        if record is None:
+            return False
+        return meter_time in (record.recent_seconds if kind == SECONDS else record.recent_minutes)
 
     def last_energy(self, meter_id: str) -> float | None:
         """The last active energy forwarded for a meter, if any."""
-        return self._energy.get(meter_id)
+        record = self._meters.get(meter_id)
+        return None if record is None else record.energy
 
     def remember(self, meter_id: str, kind: str, meter_time: str, energy: float | None) -> None:
         """Record a forwarded reading."""
-        key = (meter_id, kind)
-        recent = self._recent.pop(key, None) or []
-        recent.append(meter_time)
-        del recent[: -self.RECENT_TIMES]
-        self._recent[key] = recent
-        if len(self._recent) > 2 * self.max_meters:
-            self._recent.popitem(last=False)
+        record = self._touch(meter_id)
+        if kind == SECONDS:
+            record.recent_seconds = (*record.recent_seconds[1 - self.RECENT_TIMES:], meter_time)
+        else:
+            record.recent_minutes = (*record.recent_minutes[1 - self.RECENT_TIMES:], meter_time)
         if energy is not None:
-            self.restore_energy(meter_id, energy)
+            record.energy = energy
 
     def restore_energy(self, meter_id: str, energy: float) -> None:
         """Set the last forwarded energy of a meter (from the state file at start-up)."""
-        self._energy.pop(meter_id, None)
-        self._energy[meter_id] = energy
-        if len(self._energy) > self.max_meters:
-            self._energy.popitem(last=False)
+        self._touch(meter_id).energy = energy
+
+    def _touch(self, meter_id: str) -> _MeterRecord:
+        """The meter's record, moved to the most recently seen end; the oldest evicted beyond the bound."""
+        record = self._meters.get(meter_id)
+        if record is None:
+            record = self._meters[meter_id] = _MeterRecord()
+            if len(self._meters) > self.max_meters:
+                self._meters.popitem(last=False)
+        else:
+            self._meters.move_to_end(meter_id)
+        return record
 
     def energy_snapshot(self) -> dict[str, float]:
         """The last forwarded energy per meter, to persist."""
-        return dict(self._energy)
+        return {meter_id: r.energy for meter_id, r in self._meters.items() if r.energy is not None}
 
     def __len__(self) -> int:
-        return len(self._energy.keys() | {meter_id for meter_id, _kind in self._recent})
+        return len(self._meters)
 
 
 class MeterDataProcessor:
@@ -283,11 +332,15 @@ class MeterDataProcessor:
 
     One instance per proxy; not thread-safe (the proxy calls it from one
     thread). ``excluded`` meters are dropped before anything is remembered.
+    ``per_phase`` maps a meter id to the per-phase groups its SECONDS
+    payload carries (see ``clean_payload``).
     """
 
     def __init__(self, excluded: Iterable[str] = (), memory: MeterMemory | None = None,
-                 assembler: PacketAssembler | None = None) -> None:
+                 assembler: PacketAssembler | None = None,
+                 per_phase: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self.excluded = frozenset(excluded)
+        self.per_phase = dict(per_phase or {})
         self.memory = memory if memory is not None else MeterMemory()
         self.assembler = assembler if assembler is not None else PacketAssembler()
         self.drops: Counter[str] = Counter()
@@ -312,7 +365,7 @@ class MeterDataProcessor:
         if reason is not None:
             self.drops[reason] += 1
             return Outcome(meter_id=meter_id, reason=reason)
-        payload = clean_payload(kind, meter_id, packet.time, values)
+        payload = clean_payload(kind, meter_id, packet.time, values, self.per_phase.get(meter_id, ()))
         energy = payload.get("active_energy") if kind == MINUTES else None
         self.memory.remember(meter_id, kind, packet.time, energy if isinstance(energy, float | int) else None)
         return Outcome(message=CleanMessage(meter_id, kind, packet.time, payload), meter_id=meter_id)

@@ -38,6 +38,7 @@ import config_loader
 from availability import MeterAvailability, silence_limit
 from config_loader import Config
 from data_mapping import MINUTES, SECONDS, MeterDataProcessor, MeterMemory, clean_topic, encode_payload
+from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter
 from mqtt_common import (
     ConnectionReporter,
     Counters,
@@ -130,13 +131,15 @@ class Proxy:
         self.counters = Counters()
         self.rejections = RateLimitedLog(log)
         self.memory = MeterMemory()
-        self.processor = MeterDataProcessor(excluded=config.meters.exclude, memory=self.memory)
+        self.processor = MeterDataProcessor(excluded=config.meters.exclude, memory=self.memory,
+                                            per_phase=per_phase_by_meter(config.meters))
         meters = config.meters
         self.availability = MeterAvailability(
             lambda meter_id: silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id))
         )
         self.journal = EnergyJournal(state_dir)
         self.queue = OutgoingQueue(config.central_broker.max_queued_messages)
+        self.discovery = DiscoveryAnnouncer.from_config(config, self.queue_publish)  # Home Assistant
         self.stopping = threading.Event()  # the publisher thread ends
         self._closing = False  # disconnections from now on are deliberate
         self.started_at = time.monotonic()
@@ -164,6 +167,7 @@ class Proxy:
         self.central.on_connect = self._on_central_connect
         self.central.on_disconnect = self._on_central_disconnect
         self.central.on_publish = self._on_central_publish
+        self.central.on_message = self._on_central_message
         self._publisher = threading.Thread(target=self._publish_loop, name="central-publisher", daemon=True)
 
     # --- life cycle -------------------------------------------------------------
@@ -174,6 +178,7 @@ class Proxy:
             self.memory.restore_energy(meter_id, energy)
         log.info("loaded the last energy of %d meters from %s", len(self.memory.energy_snapshot()),
                  self.journal.path)
+        self.discovery.known_meters(self.memory.energy_snapshot())
         self._publisher.start()
         connect_in_background(self.central, self.config.central_broker)
         connect_in_background(self.internal, self.config.internal_broker, clean_start=False,
@@ -195,6 +200,8 @@ class Proxy:
         if self.journal.needs_compaction():
             with self._state_lock:
                 self.journal.compact(self.memory.energy_snapshot())
+        if self._central_connected:  # spread (re-)announcements; none piled up while away
+            self.discovery.tick(now)
         if now >= self._next_stats:
             self._next_stats = now + self.config.health.stats_interval_seconds
             self.publish_stats(now)
@@ -291,6 +298,7 @@ class Proxy:
             self._publish_availability(outcome.meter_id, "online")
         if outcome.message is not None:
             clean = outcome.message
+            self.discovery.meter_seen(clean.meter_id)  # its configs go before its first reading
             self.queue_publish(clean_topic(self.main_topic, clean.meter_id, clean.kind),
                                encode_payload(clean.payload), retain=True)
             self.counters.add("forwarded")
@@ -354,8 +362,14 @@ class Proxy:
         self._update_bridge_state()
         for meter_id in self.availability.online():
             self._publish_availability(meter_id, "online")
+        if self.discovery.subscriptions:  # Home Assistant's status, and the configs retained
+            self.central.subscribe([(topic, 1) for topic in self.discovery.subscriptions])
         with self.queue.condition:
             self.queue.condition.notify()
+
+    def _on_central_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """Home Assistant's status and the retained discovery configs: quick work in the announcer."""
+        self.discovery.on_central_message(message.topic, message.payload, bool(message.retain))
 
     def _on_central_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                                _properties: Any) -> None:

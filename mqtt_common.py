@@ -51,6 +51,10 @@ REFUSED_MIN_DELAY = 30.0
 REFUSED_MAX_DELAY = 300.0
 CREDENTIALS_REFUSED = frozenset(("Bad user name or password", "Not authorized"))
 SESSION_TAKEN_OVER = "Session taken over"
+# Connections closed this soon after they began, this many times in a row, are
+# taken for a fight over one client id (see ConnectionReporter.disconnected).
+SHORT_LIVED_SECONDS = 10.0
+SHORT_LIVED_LIMIT = 2
 
 
 class _JournalFormatter(logging.Formatter):
@@ -254,6 +258,8 @@ class ConnectionReporter:
         self.where = f"{name} broker {settings.host}:{settings.port}"
         self.log = logger
         self.slowed = False
+        self.connected_at: float | None = None
+        self.short_lived = 0  # connections in a row that were closed soon after they began
         client.on_connect_fail = self._on_connect_fail
 
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
@@ -265,9 +271,7 @@ class ConnectionReporter:
     def connected(self, reason_code: Any) -> bool:
         """Call from on_connect: False (and logged) when the broker refused us."""
         if not reason_code.is_failure:
-            if self.slowed:
-                reset_backoff(self.client)
-                self.slowed = False
+            self.connected_at = time.monotonic()
             return True
         reason = reason_text(reason_code)
         if reason in CREDENTIALS_REFUSED:
@@ -279,13 +283,28 @@ class ConnectionReporter:
         return False
 
     def disconnected(self, reason_code: Any, deliberate: bool) -> None:
-        """Call from on_disconnect."""
+        """Call from on_disconnect.
+
+        Mosquitto 2.0 closes a connection taken over by another client with the
+        same id without saying why (MQTT 5's "Session taken over" is not sent),
+        so connections closed again and again soon after they began are taken
+        for that: two instances would otherwise evict each other every second.
+        """
+        lasted = time.monotonic() - self.connected_at if self.connected_at is not None else None
+        self.connected_at = None
         if deliberate:
             return
         reason = reason_text(reason_code)
-        if reason == SESSION_TAKEN_OVER:
+        if lasted is not None and lasted >= SHORT_LIVED_SECONDS:
+            self.short_lived = 0
+            if self.slowed:
+                reset_backoff(self.client)
+                self.slowed = False
+        elif lasted is not None:
+            self.short_lived += 1
+        if reason == SESSION_TAKEN_OVER or self.short_lived >= SHORT_LIVED_LIMIT:
             self.log.error("another client with the same client id took over the session on the %s "
-                           "(a second instance running?); retrying slowly", self.where)
+                           "(%s; a second instance running?); retrying slowly", self.where, reason)
             self._slow_down()
         else:
             self.log.warning("disconnected from the %s (%s); reconnecting", self.where, reason)

@@ -12,11 +12,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import yaml
+from broker import wait_for
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from broker import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,559 @@
+"""Home Assistant discovery without a broker: payloads key by key, topics, decisions, pacing.
+
+The allowed keys, value types and units below are those of Home Assistant's
+documentation (MQTT sensor configuration variables, the discovery ``origin``
+block, and the units each sensor device class accepts), so that a payload
+Home Assistant would reject or misread fails here first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+import config_loader
+import ha_discovery
+from config_loader import DeviceSettings, MeterSettings
+from data_mapping import MINUTES, SECONDS, MeterDataProcessor, clean_payload
+from ha_discovery import (
+    DiscoveryAnnouncer,
+    config_subscription,
+    discovery_configs,
+    is_wanted,
+    node_id,
+    parse_config_topic,
+    status_topic,
+)
+from version import __version__
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+METER = "33B1225950027"
+OTHER = "33B1225950028"
+RT_DATA = json.loads((FIXTURES / "MQTT_RT_DATA_2026-01-12.log").read_text().split(" ", 1)[1])
+ALL_GROUPS = ("voltage", "current", "power", "power_factor")
+
+# --- what Home Assistant's documentation allows --------------------------------
+
+# MQTT sensor configuration variables → the documented type.
+SENSOR_KEYS: dict[str, type | tuple[type, ...]] = {
+    "availability": list, "availability_mode": str, "availability_template": str, "availability_topic": str,
+    "device": dict, "device_class": str, "enabled_by_default": bool, "encoding": str, "entity_category": str,
+    "entity_picture": str, "expire_after": int, "force_update": bool, "icon": str,
+    "json_attributes_template": str, "json_attributes_topic": str, "last_reset_value_template": str,
+    "name": str, "object_id": str, "options": list, "payload_available": str, "payload_not_available": str,
+    "suggested_display_precision": int, "qos": int, "state_class": str, "state_topic": str, "unique_id": str,
+    "unit_of_measurement": str, "value_template": str,
+    "origin": dict,  # documented for every discovery payload
+}
+AVAILABILITY_KEYS = {"payload_available": str, "payload_not_available": str, "topic": str, "value_template": str}
+DEVICE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "configuration_url": str, "connections": list, "hw_version": str, "identifiers": (str, list),
+    "manufacturer": str, "model": str, "model_id": str, "name": str, "serial_number": str,
+    "suggested_area": str, "sw_version": str, "via_device": str,
+}
+ORIGIN_KEYS = {"name": str, "sw_version": str, "support_url": str}
+AVAILABILITY_MODES = {"all", "any", "latest"}
+STATE_CLASSES = {"measurement", "total", "total_increasing"}
+# The units Home Assistant accepts per sensor device class; None: no unit.
+UNITS: dict[str, set[str | None]] = {
+    "power": {"W", "kW", "MW", "GW", "TW", "mW", "BTU/h"},
+    "energy": {"Wh", "kWh", "MWh", "GWh", "TWh", "mWh", "J", "kJ", "MJ", "GJ", "cal", "kcal", "Mcal", "Gcal"},
+    "voltage": {"V", "mV", "µV", "kV", "MV"},
+    "current": {"A", "mA"},
+    "power_factor": {None, "%"},
+}
+
+
+def meters(**devices: DeviceSettings) -> MeterSettings:
+    """Meter settings with the given ``meters.devices``."""
+    return MeterSettings(devices=MappingProxyType(devices))
+
+
+def expected_config(field: str, name: str, kind: str, device_class: str, state_class: str, unit: str | None,
+                    precision: int, device_name: str = f"KPM33B {METER}") -> dict[str, Any]:
+    """The discovery payload of one sensor of METER, written out in full."""
+    config: dict[str, Any] = {
+        "name": name,
+        "unique_id": f"kpm33b_{METER}_{field}",
+        "state_topic": f"kpm33b/{METER}/{kind}",
+        "value_template": f"{{{{ value_json.{field} }}}}",
+        "device_class": device_class,
+        "state_class": state_class,
+        "suggested_display_precision": precision,
+        "qos": 1,
+        "availability": [{"topic": "kpm33b/bridge/state"}, {"topic": f"kpm33b/{METER}/availability"}],
+        "availability_mode": "all",
+        "device": {
+            "identifiers": [f"kpm33b_{METER}"],
+            "name": device_name,
+            "manufacturer": "Compere",
+            "model": "KPM33B",
+            "serial_number": METER,
+        },
+        "origin": {"name": "kpm33b-proxy", "sw_version": "0.1.0"},
+    }
+    if unit is not None:
+        config["unit_of_measurement"] = unit
+    return config
+
+
+def assert_same_keys_and_values(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        assert actual[key] == value, key
+
+
+# --- payloads ------------------------------------------------------------------
+
+
+def test_a_meter_gets_an_active_power_and_an_active_energy_config_key_by_key() -> None:
+    configs = discovery_configs(METER, MeterSettings(), "kpm33b", "homeassistant")
+    assert list(configs) == [
+        f"homeassistant/sensor/kpm33b_{METER}/active_power/config",
+        f"homeassistant/sensor/kpm33b_{METER}/active_energy/config",
+    ]
+    assert_same_keys_and_values(
+        configs[f"homeassistant/sensor/kpm33b_{METER}/active_power/config"],
+        expected_config("active_power", "Active power", "seconds", "power", "measurement", "kW", 3))
+    assert_same_keys_and_values(
+        configs[f"homeassistant/sensor/kpm33b_{METER}/active_energy/config"],
+        expected_config("active_energy", "Active energy", "minutes", "energy", "total_increasing", "kWh", 3))
+
+
+def test_per_phase_groups_add_one_sensor_per_field_key_by_key() -> None:
+    configs = discovery_configs(METER, meters(**{METER: DeviceSettings(per_phase=ALL_GROUPS)}), "kpm33b",
+                                "homeassistant")
+    prefix = f"homeassistant/sensor/kpm33b_{METER}/"
+    expected = {
+        "active_power": ("Active power", "power", "kW", 3),
+        "active_energy": ("Active energy", "energy", "kWh", 3),
+        "voltage_l1": ("Voltage L1", "voltage", "V", 1),
+        "voltage_l2": ("Voltage L2", "voltage", "V", 1),
+        "voltage_l3": ("Voltage L3", "voltage", "V", 1),
+        "current_l1": ("Current L1", "current", "A", 2),
+        "current_l2": ("Current L2", "current", "A", 2),
+        "current_l3": ("Current L3", "current", "A", 2),
+        "active_power_l1": ("Active power L1", "power", "kW", 3),
+        "active_power_l2": ("Active power L2", "power", "kW", 3),
+        "active_power_l3": ("Active power L3", "power", "kW", 3),
+        "power_factor_l1": ("Power factor L1", "power_factor", None, 3),
+        "power_factor_l2": ("Power factor L2", "power_factor", None, 3),
+        "power_factor_l3": ("Power factor L3", "power_factor", None, 3),
+        "power_factor": ("Power factor", "power_factor", None, 3),
+    }
+    assert list(configs) == [f"{prefix}{field}/config" for field in expected]
+    for field, (name, device_class, unit, precision) in expected.items():
+        kind = "minutes" if field == "active_energy" else "seconds"
+        state_class = "total_increasing" if field == "active_energy" else "measurement"
+        assert_same_keys_and_values(configs[f"{prefix}{field}/config"],
+                                    expected_config(field, name, kind, device_class, state_class, unit, precision))
+
+
+def test_every_config_uses_only_keys_and_types_home_assistant_documents() -> None:
+    settings = meters(**{METER: DeviceSettings(name="Heat pump", per_phase=ALL_GROUPS)})
+    configs = discovery_configs(METER, settings, "kpm33b", "homeassistant", origin_url="https://example.org/x")
+    for config in configs.values():
+        for key, value in config.items():
+            assert key in SENSOR_KEYS, key
+            assert isinstance(value, SENSOR_KEYS[key]), key
+            assert SENSOR_KEYS[key] is not int or not isinstance(value, bool), key
+        assert config["availability_mode"] in AVAILABILITY_MODES
+        assert config["state_class"] in STATE_CLASSES
+        assert config["qos"] in (0, 1, 2)
+        for entry in config["availability"]:
+            assert entry.keys() <= AVAILABILITY_KEYS.keys() and "topic" in entry
+            assert all(isinstance(entry[key], AVAILABILITY_KEYS[key]) for key in entry)
+        assert config["device"].keys() <= DEVICE_KEYS.keys()
+        assert all(isinstance(value, DEVICE_KEYS[key]) for key, value in config["device"].items())
+        assert config["origin"].keys() <= ORIGIN_KEYS.keys() and "name" in config["origin"]
+        assert all(isinstance(value, ORIGIN_KEYS[key]) for key, value in config["origin"].items())
+        # Home Assistant links an entity to its device only with a unique id and an identifier.
+        assert config["unique_id"] and config["device"]["identifiers"]
+        # A template that reads the field the state topic's payload carries.
+        field = config["unique_id"].split(f"{METER}_")[1]
+        assert config["value_template"] == f"{{{{ value_json.{field} }}}}"
+
+
+def test_every_unit_is_one_home_assistant_accepts_for_its_device_class() -> None:
+    configs = discovery_configs(METER, meters(**{METER: DeviceSettings(per_phase=ALL_GROUPS)}), "kpm33b", "ha")
+    device_classes = set()
+    for config in configs.values():
+        device_classes.add(config["device_class"])
+        assert config.get("unit_of_measurement") in UNITS[config["device_class"]], config["unique_id"]
+        if config["device_class"] == "energy":  # the Energy dashboard needs a total
+            assert config["state_class"] in ("total", "total_increasing")
+    assert device_classes == set(UNITS)
+
+
+def test_the_device_name_comes_from_meters_devices_and_the_unique_ids_never_change() -> None:
+    default = discovery_configs(METER, MeterSettings(), "kpm33b", "homeassistant")
+    renamed = discovery_configs(METER, meters(**{METER: DeviceSettings(name="Wärmepumpe")}), "kpm33b",
+                                "homeassistant")
+    assert list(renamed) == list(default)
+    for topic in default:
+        assert default[topic]["device"]["name"] == f"KPM33B {METER}"
+        assert renamed[topic]["device"]["name"] == "Wärmepumpe"
+        assert renamed[topic]["unique_id"] == default[topic]["unique_id"]
+        assert renamed[topic]["device"]["identifiers"] == default[topic]["device"]["identifiers"]
+    # Published as readable UTF-8 JSON.
+    encoded = ha_discovery.encode_config(next(iter(renamed.values())))
+    assert "Wärmepumpe".encode() in encoded and json.loads(encoded) == next(iter(renamed.values()))
+
+
+def test_per_phase_sensors_belong_only_to_the_meter_that_asks_for_them() -> None:
+    settings = meters(**{METER: DeviceSettings(per_phase=("voltage",)), OTHER: DeviceSettings(name="Garage")})
+    assert [c["unique_id"] for c in discovery_configs(OTHER, settings, "kpm33b", "homeassistant").values()] == [
+        f"kpm33b_{OTHER}_active_power", f"kpm33b_{OTHER}_active_energy"]
+    assert len(discovery_configs(METER, settings, "kpm33b", "homeassistant")) == 5
+
+
+def test_origin_names_the_project_and_links_support_only_when_configured() -> None:
+    assert ha_discovery.origin() == {"name": "kpm33b-proxy", "sw_version": __version__}
+    assert ha_discovery.origin("https://example.org/kpm33b") == {
+        "name": "kpm33b-proxy", "sw_version": __version__, "support_url": "https://example.org/kpm33b"}
+
+
+def test_prefix_and_main_topic_are_taken_from_the_configuration() -> None:
+    configs = discovery_configs(METER, MeterSettings(), "site/a/meters", "ha/discovery")
+    topic = f"ha/discovery/sensor/kpm33b_{METER}/active_energy/config"
+    assert topic in configs
+    assert configs[topic]["state_topic"] == f"site/a/meters/{METER}/minutes"
+    assert configs[topic]["availability"] == [{"topic": "site/a/meters/bridge/state"},
+                                              {"topic": f"site/a/meters/{METER}/availability"}]
+    assert status_topic("ha/discovery") == "ha/discovery/status"
+    assert config_subscription("ha/discovery") == "ha/discovery/sensor/+/+/config"
+    assert node_id(METER) == f"kpm33b_{METER}"
+
+
+# --- which configs are ours, which are wanted ------------------------------------
+
+
+@pytest.mark.parametrize(("topic", "parsed"), [
+    (f"homeassistant/sensor/kpm33b_{METER}/active_power/config", (METER, "active_power")),
+    (f"homeassistant/sensor/kpm33b_{METER}/voltage_l1/config", (METER, "voltage_l1")),
+    (f"homeassistant/sensor/kpm33b_{METER}/active_power/state", None),
+    (f"homeassistant/sensor/kpm33b_{METER}/config", None),
+    (f"homeassistant/sensor/kpm33b_{METER}/a/b/config", None),
+    (f"homeassistant/binary_sensor/kpm33b_{METER}/active_power/config", None),
+    (f"other/sensor/kpm33b_{METER}/active_power/config", None),
+    ("homeassistant/sensor/kpm33b_33B12259500/active_power/config", None),  # 11 characters
+    ("homeassistant/sensor/kpm33b_33B12259500277/active_power/config", None),  # 14 characters
+    ("homeassistant/sensor/0x00158d0001/temperature/config", None),  # another bridge's node
+    (f"homeassistant/sensor/KPM33B_{METER}/active_power/config", None),
+])
+def test_only_config_topics_of_kpm33b_nodes_are_recognised(topic: str, parsed: tuple[str, str] | None) -> None:
+    assert parse_config_topic(topic, "homeassistant") == parsed
+
+
+def test_a_prefix_of_several_levels_is_parsed() -> None:
+    assert parse_config_topic(f"ha/disc/sensor/kpm33b_{METER}/active_power/config", "ha/disc") == (
+        METER, "active_power")
+    assert parse_config_topic(f"ha/sensor/kpm33b_{METER}/active_power/config", "ha/disc") is None
+
+
+def test_excluded_meters_and_unconfigured_per_phase_entities_are_unwanted() -> None:
+    settings = MeterSettings(exclude=frozenset({OTHER}),
+                             devices=MappingProxyType({METER: DeviceSettings(per_phase=("current",))}))
+    assert is_wanted(METER, "active_power", settings)
+    assert is_wanted(METER, "active_energy", settings)
+    assert is_wanted(METER, "current_l3", settings)
+    assert not is_wanted(METER, "voltage_l1", settings)
+    assert not is_wanted(METER, "power_factor", settings)
+    assert not is_wanted(METER, "something_else", settings)
+    assert not is_wanted(OTHER, "active_power", settings)
+    assert is_wanted("33B0000000001", "active_energy", settings)  # unknown to the proxy, not excluded
+
+
+# --- the announcer ------------------------------------------------------------------
+
+
+class Published:
+    """Records what the announcer hands to ``publish``."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+
+    def __call__(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.messages.append((topic, payload, retain))
+
+    def topics(self) -> list[str]:
+        return [topic for topic, _payload, _retain in self.messages]
+
+    def meters(self) -> list[str]:
+        """Meter ids of the configs published, once per meter in order."""
+        ids: list[str] = []
+        for topic in self.topics():
+            parsed = parse_config_topic(topic, "homeassistant")
+            if parsed is not None and parsed[0] not in ids:
+                ids.append(parsed[0])
+        return ids
+
+
+def announcer(settings: MeterSettings | None = None, **options: Any) -> tuple[DiscoveryAnnouncer, Published]:
+    published = Published()
+    return DiscoveryAnnouncer(settings or MeterSettings(), "kpm33b", "homeassistant", published, **options), published
+
+
+def meter_ids(count: int) -> list[str]:
+    return [f"33B{index:010d}" for index in range(count)]
+
+
+def test_a_new_meter_is_announced_at_once_and_only_once_retained() -> None:
+    subject, published = announcer()
+    assert subject.meter_seen(METER)
+    assert not subject.meter_seen(METER)
+    expected = discovery_configs(METER, MeterSettings(), "kpm33b", "homeassistant")
+    assert [(topic, json.loads(payload), retain) for topic, payload, retain in published.messages] == [
+        (topic, config, True) for topic, config in expected.items()]
+    assert subject.known() == [METER]
+
+
+def test_an_excluded_meter_is_never_announced() -> None:
+    subject, published = announcer(MeterSettings(exclude=frozenset({METER})))
+    assert not subject.meter_seen(METER)
+    subject.known_meters([METER])
+    subject.ha_online()
+    subject.tick(0.0)
+    assert published.messages == []
+
+
+def test_with_discovery_off_nothing_is_published_or_subscribed() -> None:
+    subject, published = announcer(MeterSettings(exclude=frozenset({OTHER})), enabled=False)
+    assert subject.subscriptions == ()
+    subject.meter_seen(METER)
+    subject.known_meters([METER])
+    subject.on_central_message("homeassistant/status", b"online", False)
+    subject.on_central_message(f"homeassistant/sensor/kpm33b_{OTHER}/active_power/config", b"{}", True)
+    subject.tick(0.0)
+    assert published.messages == []
+
+
+def test_subscriptions_are_the_status_and_every_sensor_config() -> None:
+    subject, _published = announcer()
+    assert subject.subscriptions == ("homeassistant/status", "homeassistant/sensor/+/+/config")
+
+
+def test_known_meters_at_start_are_announced_over_the_next_ticks() -> None:
+    subject, published = announcer(MeterSettings(exclude=frozenset({OTHER})), meters_per_tick=2)
+    subject.known_meters([METER, OTHER, "33B0000000001", "33B0000000002"])
+    assert published.messages == []
+    assert subject.tick(0.0) == 2
+    assert published.meters() == [METER, "33B0000000001"]
+    assert subject.tick(0.5) == 1
+    assert subject.tick(1.0) == 0
+    assert published.meters() == [METER, "33B0000000001", "33B0000000002"]
+
+
+def test_home_assistant_online_reannounces_every_known_meter_at_a_bounded_rate() -> None:
+    subject, published = announcer()
+    for meter_id in meter_ids(1000):
+        subject.meter_seen(meter_id)
+    published.messages.clear()
+    subject.on_central_message("homeassistant/status", b"offline", False)
+    assert subject.pending() == 0
+    subject.on_central_message("homeassistant/status", b"online", False)
+    per_tick = []
+    for tick in range(6):
+        before = len(published.meters())
+        subject.tick(tick * 0.5)
+        per_tick.append(len(published.meters()) - before)
+    assert per_tick == [250, 250, 250, 250, 0, 0]
+    assert published.meters() == meter_ids(1000)
+    assert all(retain for _topic, _payload, retain in published.messages)
+
+
+def test_online_again_before_the_round_ends_does_not_announce_a_meter_twice() -> None:
+    subject, published = announcer(meters_per_tick=3)
+    for meter_id in meter_ids(5):
+        subject.meter_seen(meter_id)
+    published.messages.clear()
+    subject.ha_online()
+    subject.tick(0.0)
+    subject.ha_online()
+    while subject.tick(1.0):
+        pass
+    assert len(published.topics()) == 2 * (3 + 5)  # the first three once more, all five once
+
+
+def test_a_meter_seen_while_waiting_for_its_turn_is_announced_at_once() -> None:
+    subject, published = announcer(meters_per_tick=1)
+    subject.known_meters(["33B0000000001", METER])
+    assert subject.meter_seen(METER)
+    assert published.meters() == [METER]
+    subject.tick(0.0)
+    assert subject.tick(0.5) == 0
+    assert published.meters() == [METER, "33B0000000001"]
+
+
+def test_retained_configs_of_an_excluded_meter_and_its_readings_are_cleared_once() -> None:
+    subject, published = announcer(MeterSettings(exclude=frozenset({METER})))
+    for object_id in ("active_power", "active_energy"):
+        subject.on_central_message(f"homeassistant/sensor/kpm33b_{METER}/{object_id}/config", b"{}", True)
+    assert published.messages == [
+        (f"homeassistant/sensor/kpm33b_{METER}/active_power/config", b"", True),
+        (f"kpm33b/{METER}/seconds", b"", True),
+        (f"kpm33b/{METER}/minutes", b"", True),
+        (f"kpm33b/{METER}/availability", b"", True),
+        (f"homeassistant/sensor/kpm33b_{METER}/active_energy/config", b"", True),
+    ]
+
+
+def test_a_per_phase_entity_no_longer_configured_is_removed_and_the_rest_kept() -> None:
+    settings = meters(**{METER: DeviceSettings(per_phase=("voltage",))})
+    subject, published = announcer(settings)
+    subject.meter_seen(METER)
+    published.messages.clear()
+    for object_id in ("active_power", "voltage_l1", "current_l1", "power_factor"):
+        subject.retained_config(f"homeassistant/sensor/kpm33b_{METER}/{object_id}/config", b"{}")
+    assert published.messages == [
+        (f"homeassistant/sensor/kpm33b_{METER}/current_l1/config", b"", True),
+        (f"homeassistant/sensor/kpm33b_{METER}/power_factor/config", b"", True),
+    ]
+
+
+def test_configs_of_other_software_removals_and_live_echoes_are_left_alone() -> None:
+    subject, published = announcer(MeterSettings(exclude=frozenset({METER})))
+    subject.on_central_message("homeassistant/sensor/0x00158d0001/temperature/config", b"{}", True)
+    subject.on_central_message(f"homeassistant/sensor/kpm33b_{METER}/active_power/config", b"", True)
+    subject.on_central_message(f"homeassistant/sensor/kpm33b_{METER}/active_power/config", b"{}", False)
+    assert published.messages == []
+
+
+def test_a_meter_known_only_from_its_retained_config_is_reannounced_with_its_current_name() -> None:
+    subject, published = announcer(meters(**{METER: DeviceSettings(name="Heat pump")}))
+    subject.on_central_message(f"homeassistant/sensor/kpm33b_{METER}/active_power/config", b"{}", True)
+    subject.on_central_message(f"homeassistant/sensor/kpm33b_{METER}/active_energy/config", b"{}", True)
+    assert published.messages == []
+    assert subject.tick(0.0) == 1
+    assert {json.loads(payload)["device"]["name"] for _t, payload, _r in published.messages} == {"Heat pump"}
+    assert subject.known() == [METER]
+
+
+def test_known_meters_are_bounded_and_the_oldest_forgotten() -> None:
+    subject, _published = announcer(max_meters=3)
+    for meter_id in meter_ids(5):
+        subject.meter_seen(meter_id)
+    assert subject.known() == meter_ids(5)[2:]
+
+
+def test_from_config_takes_prefix_main_topic_and_origin_url() -> None:
+    config = config_loader.parse_config({
+        "central_broker_topics": {"external_main_topic": "site"},
+        "homeassistant": {"discovery_prefix": "ha", "origin_url": "https://example.org/kpm33b"},
+    }, {})
+    published = Published()
+    subject = DiscoveryAnnouncer.from_config(config, published)
+    subject.meter_seen(METER)
+    topic, payload, _retain = published.messages[0]
+    assert topic == f"ha/sensor/kpm33b_{METER}/active_power/config"
+    assert json.loads(payload)["state_topic"] == f"site/{METER}/seconds"
+    assert json.loads(payload)["origin"]["support_url"] == "https://example.org/kpm33b"
+
+
+# --- the per-phase values in the seconds payload ---------------------------------------
+
+
+def test_per_phase_fields_come_from_the_phase_tags_of_the_real_capture() -> None:
+    values = {tag: value for tag, value in RT_DATA.items() if tag not in ("id", "time", "isend")}
+    assert clean_payload(SECONDS, METER, "20260112163900", values, ALL_GROUPS) == {
+        "id": METER, "time": "2026-01-12T16:39:00", "active_power": 6.6905,
+        "voltage_l1": 229.097, "voltage_l2": 231.567, "voltage_l3": 232.529,
+        "current_l1": 9.735, "current_l2": 9.658, "current_l3": 9.655,
+        "active_power_l1": 2.2229, "active_power_l2": 2.2293, "active_power_l3": 2.2382,
+        "power_factor_l1": 0.996, "power_factor_l2": 0.996, "power_factor_l3": 0.996, "power_factor": 0.996,
+    }
+
+
+def test_a_missing_phase_tag_becomes_null_and_minutes_payloads_are_unchanged() -> None:
+    assert clean_payload(SECONDS, METER, "20260112163900", {"zyggl": 1.5, "ua": 230.0}, ("voltage",)) == {
+        "id": METER, "time": "2026-01-12T16:39:00", "active_power": 1.5,
+        "voltage_l1": 230.0, "voltage_l2": None, "voltage_l3": None,
+    }
+    assert clean_payload(MINUTES, METER, "20260112163900", {"zygsz": 2.0, "ua": 230.0}, ALL_GROUPS) == {
+        "id": METER, "time": "2026-01-12T16:39:00", "active_energy": 2.0}
+
+
+def test_meters_without_per_phase_keep_exactly_the_minimal_payload() -> None:
+    processor = MeterDataProcessor(per_phase={METER: ("voltage", "current")})
+    other = dict(RT_DATA, id=OTHER)
+    outcome = processor.process(SECONDS, json.dumps(other).encode(), 0.0)
+    assert outcome.message is not None
+    assert outcome.message.payload == {"id": OTHER, "time": "2026-01-12T16:39:00", "active_power": 6.6905}
+    outcome = processor.process(SECONDS, json.dumps(RT_DATA).encode(), 0.0)
+    assert outcome.message is not None
+    assert list(outcome.message.payload) == ["id", "time", "active_power", "voltage_l1", "voltage_l2",
+                                             "voltage_l3", "current_l1", "current_l2", "current_l3"]
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_home_assistant_settings_default_to_discovery_on_the_standard_prefix() -> None:
+    settings = config_loader.parse_config({}, {}).homeassistant
+    assert (settings.discovery, settings.discovery_prefix, settings.origin_url) == (True, "homeassistant", None)
+
+
+def test_per_phase_is_stored_in_canonical_order() -> None:
+    config = config_loader.parse_config(
+        {"meters": {"devices": {METER: {"per_phase": ["power_factor", "voltage"]}}}}, {})
+    assert config.meters.devices[METER].per_phase == ("voltage", "power_factor")
+    assert ha_discovery.per_phase_by_meter(config.meters) == {METER: ("voltage", "power_factor")}
+
+
+@pytest.mark.parametrize(("document", "problem"), [
+    ({"meters": {"devices": {METER: {"per_phase": ["voltage", "voltage"]}}}},
+     f"meters.devices.{METER}.per_phase: ['voltage', 'voltage'] is not allowed; expected a list without "
+     "duplicates of voltage, current, power, power_factor"),
+    ({"meters": {"devices": {METER: {"per_phase": ["frequency"]}}}},
+     f"meters.devices.{METER}.per_phase: ['frequency'] is not allowed; expected a list without "
+     "duplicates of voltage, current, power, power_factor"),
+    ({"meters": {"devices": {METER: {"per_phase": "voltage"}}}},
+     f"meters.devices.{METER}.per_phase: 'voltage' is not allowed; expected a list without "
+     "duplicates of voltage, current, power, power_factor"),
+    ({"homeassistant": {"discovery": "yes"}},
+     "homeassistant.discovery: 'yes' is not allowed; expected true or false"),
+    ({"homeassistant": {"discovery_prefix": "homeassistant/#"}},
+     "homeassistant.discovery_prefix: 'homeassistant/#' is not allowed; expected a non-empty topic without "
+     "'+', '#' or surrounding spaces"),
+    ({"homeassistant": {"discovery_prefix": "homeassistant/"}},
+     "homeassistant.discovery_prefix: 'homeassistant/' is not allowed; expected a topic without leading, "
+     "trailing or doubled '/'"),
+    ({"homeassistant": {"origin_url": "example.org"}},
+     "homeassistant.origin_url: 'example.org' is not allowed; expected an http:// or https:// URL, or null"),
+    ({"homeassistant": {"discovery_prefx": "ha"}},
+     "homeassistant.discovery_prefx: unknown key; known keys here are discovery, discovery_prefix, origin_url"),
+])
+def test_home_assistant_configuration_problems_are_reported_by_key(document: dict[str, Any], problem: str) -> None:
+    with pytest.raises(config_loader.ConfigError) as error:
+        config_loader.parse_config(document, {})
+    assert error.value.problems == (problem,)
+
+
+def test_the_shipped_config_enables_discovery_on_the_standard_prefix() -> None:
+    config = config_loader.load_config(Path(__file__).resolve().parent.parent / "config.yaml", {})
+    assert config.homeassistant == config_loader.HomeAssistantSettings()
+
+
+# --- the energy stream suits total_increasing -------------------------------------------
+
+
+def test_the_energy_forwarded_from_the_real_captures_never_decreases() -> None:
+    """``total_increasing``: Home Assistant books any decrease as a meter reset."""
+    processor = MeterDataProcessor()
+    last: dict[str, float] = {}
+    forwarded = 0
+    for name in ("MQTT_ENY_NOW_2026-01-12.log", "MQTT_ENY_NOW_2026-01-17.log"):
+        for line in (FIXTURES / name).read_text().splitlines():
+            outcome = processor.process(MINUTES, line.split(" ", 1)[1].encode(), 0.0)
+            if outcome.message is None:
+                continue
+            energy = outcome.message.payload["active_energy"]
+            assert isinstance(energy, float) and energy > 0
+            assert energy >= last.get(outcome.message.meter_id, 0.0)
+            last[outcome.message.meter_id] = energy
+            forwarded += 1
+    assert forwarded >= 624

@@ -1,0 +1,259 @@
+"""Home Assistant discovery through the proxy between two real Mosquitto processes.
+
+The proxy runs in-process (``Proxy`` with its timer thread, as ``main`` runs it)
+or as a real process; the tests look at the central broker as Home Assistant
+does: retained configs under ``homeassistant/``, the clean topics they point to,
+and ``online`` on ``homeassistant/status``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from broker import Mosquitto, wait_for
+from daemons import ROOT, Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+
+import config_loader
+from ha_discovery import discovery_configs
+from kpm33b_proxy import Proxy
+
+FIXTURES = ROOT / "tests" / "fixtures"
+RT_DATA = (FIXTURES / "MQTT_RT_DATA_2026-01-12.log").read_text().split(" ", 1)[1].strip()
+METER = "33B1225950027"
+OTHER = "33B1225950028"
+PREFIX = "homeassistant"
+
+
+def rt_data(meter_id: str) -> str:
+    """The real RT_DATA capture, as sent by ``meter_id``."""
+    return json.dumps(dict(json.loads(RT_DATA), id=meter_id))
+
+
+def eny_now(meter_id: str, time_text: str, energy: float) -> str:
+    """A minimal but valid ENY_NOW packet."""
+    return json.dumps({"id": meter_id, "zygsz": energy, "fygsz": 0.0, "time": time_text, "isend": "1"})
+
+
+def config_topic(meter_id: str, object_id: str) -> str:
+    return f"{PREFIX}/sensor/kpm33b_{meter_id}/{object_id}/config"
+
+
+def document(internal: Mosquitto, central: Mosquitto, **meters: Any) -> dict[str, Any]:
+    return config_dict(internal.port, central.port, **meters)
+
+
+@contextmanager
+def running_proxy(config_document: dict[str, Any], state_dir: Path) -> Iterator[Proxy]:
+    """The proxy in-process with its timers, as ``main`` runs it, until the block ends."""
+    proxy = Proxy(config_loader.parse_config(config_document, {}), state_dir)
+    stop = threading.Event()
+    proxy.start()
+    timers = threading.Thread(target=proxy.run, args=(stop,), daemon=True)
+    timers.start()
+    try:
+        wait_for(lambda: proxy._bridge_online)
+        yield proxy
+    finally:
+        stop.set()
+        timers.join(5)
+        proxy.stop()
+
+
+def retained_configs(port: int, count: int) -> dict[str, dict[str, Any]]:
+    """What a late subscriber (Home Assistant starting) finds, once there are ``count`` retained configs."""
+    snapshot: dict[str, bytes] = {}
+
+    def enough() -> bool:
+        snapshot.clear()
+        snapshot.update(retained_store(port, f"{PREFIX}/#"))
+        return len(snapshot) >= count
+
+    wait_for(enough)
+    return {topic: json.loads(payload) for topic, payload in snapshot.items()}
+
+
+def retained_store(port: int, *filters: str) -> dict[str, bytes]:
+    """Every retained message under ``filters`` now (waits until the broker has sent them)."""
+    marker = "kpm33b-test/marker"
+    setter = publisher(port)
+    setter.publish(marker, b"1", qos=1, retain=True).wait_for_publish(10)
+    setter.disconnect()
+    late = Collector(port, *filters, marker)
+    try:
+        wait_for(lambda: late.on(marker))  # retained messages arrive in one go on subscribing
+        return {topic: payload for topic, payload, _retained in late.messages if topic != marker}
+    finally:
+        late.close()
+
+
+def test_a_meters_first_reading_creates_its_retained_discovery_configs(tmp_path, internal_broker, central_broker):
+    config_document = document(internal_broker, central_broker)
+    live = Collector(central_broker.port, f"{PREFIX}/#", "kpm33b/+/seconds")
+    with running_proxy(config_document, tmp_path / "state") as proxy:
+        assert live.count("/config") == 0  # nothing before a meter speaks
+        client = publisher(internal_broker.port)
+        publish_all(client, [("MQTT_RT_DATA", RT_DATA)])
+        wait_for(lambda: live.count("/seconds") and live.count("/config") == 2)
+        topics = live.topics()
+        # The configs travel ahead of the reading they describe.
+        assert topics.index(config_topic(METER, "active_power")) < topics.index(f"kpm33b/{METER}/seconds")
+        assert retained_configs(central_broker.port, 2) == discovery_configs(
+            METER, proxy.config.meters, "kpm33b", PREFIX)
+        client.disconnect()
+    live.close()
+
+
+def test_home_assistant_online_republishes_the_configs(tmp_path, internal_broker, central_broker):
+    with running_proxy(document(internal_broker, central_broker), tmp_path / "state"):
+        client = publisher(internal_broker.port)
+        publish_all(client, [("MQTT_RT_DATA", RT_DATA)])
+        expected = retained_configs(central_broker.port, 2)
+        live = Collector(central_broker.port, f"{PREFIX}/sensor/#")
+        wait_for(lambda: live.count("/config") == 2)
+        home_assistant = publisher(central_broker.port)
+        home_assistant.publish(f"{PREFIX}/status", "online", qos=1).wait_for_publish(10)
+        wait_for(lambda: live.count("/config") == 4)
+        again = [(topic, json.loads(payload)) for topic, payload, retained in live.messages[2:]]
+        assert dict(again) == expected
+        assert not any(retained for _topic, _payload, retained in live.messages[2:])  # sent anew
+        home_assistant.publish(f"{PREFIX}/status", "offline", qos=1).wait_for_publish(10)
+        client.disconnect()
+        home_assistant.disconnect()
+    assert live.count("/config") == 4
+    live.close()
+
+
+def test_rename_and_restart_changes_the_device_name_and_keeps_the_unique_ids(tmp_path, internal_broker,
+                                                                           central_broker):
+    """As real processes; one meter only ever sent power, so only the broker remembers it."""
+    bridge = Collector(central_broker.port, "kpm33b/bridge/state")
+    path = write_config(tmp_path, document(internal_broker, central_broker))
+    first = DaemonProcess("kpm33b_proxy.py", path)
+    wait_for(lambda: bridge.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
+    client = publisher(internal_broker.port)
+    publish_all(client, [("MQTT_RT_DATA", rt_data(METER)),
+                         ("MQTT_ENY_NOW", eny_now(OTHER, "20260117211500", 163.486))])
+    before = retained_configs(central_broker.port, 4)
+    assert {config["device"]["name"] for config in before.values()} == {f"KPM33B {METER}", f"KPM33B {OTHER}"}
+    assert first.terminate() == 0
+
+    live = Collector(central_broker.port, f"{PREFIX}/#")
+    path = write_config(tmp_path, document(internal_broker, central_broker, devices={
+        METER: {"name": "Heat pump"}, OTHER: {"name": "Garage"}}))
+    second = DaemonProcess("kpm33b_proxy.py", path)
+    wait_for(lambda: sum(1 for _t, _p, retained in live.messages if not retained) >= 4, timeout=15)
+    after = retained_configs(central_broker.port, 4)
+    assert sorted(after) == sorted(before)
+    for topic, config in after.items():
+        name = "Heat pump" if METER in topic else "Garage"
+        assert config["device"]["name"] == name
+        assert config["unique_id"] == before[topic]["unique_id"]
+        assert config["device"]["identifiers"] == before[topic]["device"]["identifiers"]
+        assert {key: value for key, value in config.items() if key != "device"} == {
+            key: value for key, value in before[topic].items() if key != "device"}
+    assert second.terminate() == 0
+    assert "Traceback" not in first.output() + second.output()
+    client.disconnect()
+    live.close()
+    bridge.close()
+
+
+def test_excluding_a_meter_across_a_restart_clears_its_configs_and_retained_readings(tmp_path, internal_broker,
+                                                                                    central_broker):
+    """Also removes the per-phase entities of a group no longer configured."""
+    state = tmp_path / "state"
+    client = publisher(internal_broker.port)
+    with running_proxy(document(internal_broker, central_broker,
+                                devices={OTHER: {"per_phase": ["voltage", "power_factor"]}}), state):
+        publish_all(client, [("MQTT_RT_DATA", rt_data(METER)),
+                             ("MQTT_ENY_NOW", eny_now(METER, "20260117211500", 163.486)),
+                             ("MQTT_RT_DATA", rt_data(OTHER))])
+        retained_configs(central_broker.port, 2 + 9)
+        wait_for(lambda: f"kpm33b/{METER}/minutes" in retained_store(central_broker.port, "kpm33b/#"))
+
+    with running_proxy(document(internal_broker, central_broker, exclude=[METER],
+                                devices={OTHER: {"per_phase": ["voltage"]}}), state):
+        removed = [config_topic(METER, "active_power"), config_topic(METER, "active_energy"),
+                   f"kpm33b/{METER}/seconds", f"kpm33b/{METER}/minutes", f"kpm33b/{METER}/availability",
+                   *(config_topic(OTHER, f"power_factor{phase}") for phase in ("_l1", "_l2", "_l3", ""))]
+        wait_for(lambda: not set(removed) & set(retained_store(central_broker.port, f"{PREFIX}/#", "kpm33b/#")))
+        store = retained_store(central_broker.port, f"{PREFIX}/#", "kpm33b/#")
+        assert not [topic for topic in store if METER in topic]
+        assert sorted(topic for topic in store if topic.endswith("/config")) == sorted(
+            config_topic(OTHER, object_id)
+            for object_id in ("active_power", "active_energy", "voltage_l1", "voltage_l2", "voltage_l3"))
+        assert f"kpm33b/{OTHER}/seconds" in store
+        # The excluded meter keeps speaking: nothing of it comes back.
+        publish_all(client, [("MQTT_RT_DATA", rt_data(METER)), ("MQTT_RT_DATA", rt_data(OTHER))])
+    assert not [topic for topic in retained_store(central_broker.port, "#") if METER in topic]
+    client.disconnect()
+
+
+def test_per_phase_fields_and_entities_appear_only_for_the_configured_meter(tmp_path, internal_broker,
+                                                                          central_broker):
+    config_document = document(internal_broker, central_broker, devices={
+        METER: {"per_phase": ["voltage", "current", "power", "power_factor"]}})
+    with running_proxy(config_document, tmp_path / "state") as proxy:
+        client = publisher(internal_broker.port)
+        publish_all(client, [("MQTT_RT_DATA", rt_data(METER)), ("MQTT_RT_DATA", rt_data(OTHER))])
+        configs = retained_configs(central_broker.port, 15 + 2)
+        assert configs == {**discovery_configs(METER, proxy.config.meters, "kpm33b", PREFIX),
+                           **discovery_configs(OTHER, proxy.config.meters, "kpm33b", PREFIX)}
+        assert len([topic for topic in configs if OTHER in topic]) == 2
+        store = retained_store(central_broker.port, "kpm33b/+/seconds")
+        assert json.loads(store[f"kpm33b/{METER}/seconds"]) == {
+            "id": METER, "time": "2026-01-12T16:39:00", "active_power": 6.6905,
+            "voltage_l1": 229.097, "voltage_l2": 231.567, "voltage_l3": 232.529,
+            "current_l1": 9.735, "current_l2": 9.658, "current_l3": 9.655,
+            "active_power_l1": 2.2229, "active_power_l2": 2.2293, "active_power_l3": 2.2382,
+            "power_factor_l1": 0.996, "power_factor_l2": 0.996, "power_factor_l3": 0.996, "power_factor": 0.996,
+        }
+        assert store[f"kpm33b/{OTHER}/seconds"] == (
+            b'{"id": "33B1225950028", "time": "2026-01-12T16:39:00", "active_power": 6.6905}')
+        client.disconnect()
+
+
+def test_real_captures_give_each_forwarding_meter_its_configs_and_an_energy_that_never_decreases(
+        tmp_path, internal_broker, central_broker):
+    lines = (FIXTURES / "MQTT_ENY_NOW_2026-01-12.log").read_text().splitlines()
+    collector = Collector(central_broker.port, "kpm33b/+/minutes")
+    with running_proxy(document(internal_broker, central_broker), tmp_path / "state"):
+        client = publisher(internal_broker.port)
+        publish_all(client, [(topic, payload) for topic, payload in (line.split(" ", 1) for line in lines)])
+        wait_for(lambda: collector.count("/minutes") >= 624, timeout=30)
+        energies: dict[str, list[float]] = {}
+        for _topic, payload, _retained in collector.messages:
+            reading = json.loads(payload)
+            energies.setdefault(reading["id"], []).append(reading["active_energy"])
+        for meter_energies in energies.values():  # total_increasing: never a decrease
+            assert all(later >= earlier for earlier, later in itertools.pairwise(meter_energies))
+        configs = retained_configs(central_broker.port, 2 * len(energies))
+        assert sorted(configs) == sorted(config_topic(meter_id, object_id) for meter_id in energies
+                                         for object_id in ("active_power", "active_energy"))
+        client.disconnect()
+    collector.close()
+
+
+def test_with_discovery_off_the_proxy_leaves_the_prefix_alone(tmp_path, internal_broker, central_broker):
+    foreign = config_topic(METER, "active_power")
+    seeder = publisher(central_broker.port)
+    seeder.publish(foreign, b'{"name": "kept"}', qos=1, retain=True).wait_for_publish(10)
+    seeder.disconnect()
+    config_document = {**document(internal_broker, central_broker, exclude=[METER]),
+                       "homeassistant": {"discovery": False}}
+    live = Collector(central_broker.port, f"{PREFIX}/#")
+    with running_proxy(config_document, tmp_path / "state"):
+        client = publisher(internal_broker.port)
+        readings = Collector(central_broker.port, "kpm33b/+/seconds")
+        publish_all(client, [("MQTT_RT_DATA", rt_data(OTHER))])
+        wait_for(lambda: readings.count("/seconds"))
+        readings.close()
+        client.disconnect()
+    assert live.messages == [(foreign, b'{"name": "kept"}', True)]
+    live.close()
