@@ -50,6 +50,7 @@ from mqtt_common import (
     reason_text,
     setup_logging,
 )
+from sd_notify import SystemdNotifier
 from state_store import EnergyJournal, StateLocked
 
 log = logging.getLogger("kpm33b_proxy")
@@ -123,8 +124,10 @@ class OutgoingQueue:
 class Proxy:
     """The data flow: one instance per process. ``start()``, then ``stop()``."""
 
-    def __init__(self, config: Config, state_dir: Path) -> None:
+    def __init__(self, config: Config, state_dir: Path, notifier: SystemdNotifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier if notifier is not None else SystemdNotifier({})
+        self._ready_sent = False
         self.main_topic = config.central_broker_topics.external_main_topic
         topics = config.internal_broker_topics
         self.kinds = {topics.meter_seconds_data: SECONDS, topics.meter_minutes_data: MINUTES}
@@ -180,6 +183,7 @@ class Proxy:
                  self.journal.path)
         self.discovery.known_meters(self.memory.energy_snapshot())
         self._publisher.start()
+        self.notifier.start_watchdog(self.healthy)
         connect_in_background(self.central, self.config.central_broker)
         connect_in_background(self.internal, self.config.internal_broker, clean_start=False,
                               session_expiry=SESSION_EXPIRY_SECONDS, receive_maximum=RECEIVE_MAXIMUM)
@@ -190,8 +194,11 @@ class Proxy:
             self.tick(time.monotonic())
 
     def tick(self, now: float) -> None:
-        """Periodic work: meters gone silent, journal compaction, heartbeat."""
+        """Periodic work: readiness, meters gone silent, journal compaction, heartbeat."""
         self.heartbeat = now
+        if not self._ready_sent and self._bridge_online:
+            self._ready_sent = True  # systemd: started means forwarding
+            self.notifier.ready("forwarding")
         for meter_id in self.availability.went_offline(now):
             log.info("meter %s is offline (silent for %.0f s)", meter_id,
                      silence_limit(self.config.meters.seconds_interval(meter_id),
@@ -221,6 +228,8 @@ class Proxy:
         stats = self.stats(now)
         self.queue_publish(self.stats_topic, json.dumps(stats), retain=True)
         log.info("stats: %s", json.dumps(stats))
+        self.notifier.status(f"{stats['forwarded']} readings forwarded, {stats['meters']} meters, "
+                             f"{stats['queue_depth']} queued")
 
     def healthy(self) -> bool:
         """For the systemd watchdog: both network loops and the timers are alive."""
@@ -234,6 +243,7 @@ class Proxy:
     def stop(self) -> None:
         """Stop reading, finish in-flight publishes, publish ``offline``, disconnect."""
         self._closing = True
+        self.notifier.stopping()
         self.internal.disconnect()
         self.internal.loop_stop()
         self._internal_subscribed = False
@@ -252,6 +262,7 @@ class Proxy:
         self.central.loop_stop()
         with self._state_lock:
             self.journal.close()
+        self.notifier.close()
         self.rejections.flush()
         left = len(self.queue) + self.queue.outstanding
         log.info("stopped%s", f"; {left} messages could not be delivered" if left else "")
@@ -399,7 +410,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     config = config_loader.load_or_exit(command_line, environ)
     setup_logging(config.logging.level, environ)
     log.info("starting: %s", config_loader.describe(config))
-    proxy = Proxy(config, state_directory(command_line.config_path, environ))
+    proxy = Proxy(config, state_directory(command_line.config_path, environ), SystemdNotifier(environ))
     stop = threading.Event()
     install_signal_handlers(stop)
     try:

@@ -121,9 +121,9 @@ class DaemonProcess:
     def __init__(self, script: str, config_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = config_path.parent / f"{Path(script).stem}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in wait/stop)
-        environment = {**os.environ, **(env or {})}
-        environment.pop("JOURNAL_STREAM", None)
-        environment.pop("NOTIFY_SOCKET", None)
+        environment = {key: value for key, value in os.environ.items()
+                       if key not in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        environment.update(env or {})
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / script), "--config", str(config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=config_path.parent,

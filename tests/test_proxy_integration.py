@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -243,3 +244,23 @@ def test_check_config_reports_problems_with_exit_code_two(tmp_path, document, co
             "  meters.upload_frequency_seconds: 45 is not allowed; expected one of 30, 60, 300, 600, 900, 1200, "
             "1800, 3600"
         ]
+
+
+def test_proxy_tells_systemd_it_is_ready_and_pings_the_watchdog(tmp_path, proxy_config):
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_socket:
+        notify_socket.bind(str(notify_path))
+        notify_socket.settimeout(15)
+        daemon = DaemonProcess("kpm33b_proxy.py", proxy_config,
+                               env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"})
+        try:
+            seen: list[str] = []
+            while "READY=1" not in seen or seen.count("WATCHDOG=1") < 3:
+                seen.extend(notify_socket.recv(4096).decode().splitlines())
+            assert "subscribed to" in daemon.output()  # ready means forwarding
+            assert daemon.terminate() == 0
+            while "STOPPING=1" not in seen:
+                seen.extend(notify_socket.recv(4096).decode().splitlines())
+        finally:
+            if daemon.alive():
+                daemon.kill()
