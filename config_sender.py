@@ -1,0 +1,675 @@
+"""Daemon: discovers meters on the central broker, pushes upload intervals and clock, times the replies.
+
+    python config_sender.py [--config PATH] [--check-config]
+
+The decisions (which command, which value, is this reply an ack, a failure,
+late, garbage; when to retry; does this clock need setting) are made by the
+pure ``command_tracking.CommandTracker``. This module is the imperative shell
+around it:
+
+- two MQTT clients: the central one discovers meters (``<main>/+/availability``,
+  ``…/seconds``, ``…/minutes``), the internal one publishes commands and
+  receives the meters' replies;
+- paho's callbacks never wait: they put an event on a queue and return. One
+  worker thread owns the tracker, takes events off the queue, sleeps until the
+  next reply deadline (one heap, not one timer per command) and publishes;
+- a watchdog observer on the configuration file's directory (editors replace
+  files by renaming) tells the worker, which debounces, reloads, and pushes
+  the new values to every known meter, or keeps the last good configuration.
+
+See doc/configuration_flow.md for what each log line means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from command_tracking import (
+    AVAILABILITY,
+    DEFAULT_RETRY_DELAYS,
+    Acked,
+    BackOnline,
+    Cancelled,
+    ClockDrift,
+    CommandTracker,
+    Discovered,
+    Event,
+    Failed,
+    IgnoredReply,
+    LateReply,
+    NoReply,
+    RejectedReply,
+    Retrying,
+    Superseded,
+    WentOffline,
+    central_subscriptions,
+    parse_availability,
+    parse_central_topic,
+    parse_reading_time,
+)
+from config_loader import Config, ConfigError, describe, load_config, load_or_exit, parse_command_line
+from mqtt_common import (
+    ALERT,
+    ConnectionReporter,
+    RateLimitedLog,
+    connect_in_background,
+    install_signal_handlers,
+    make_client,
+    network_thread_alive,
+    setup_logging,
+)
+from sd_notify import SystemdNotifier
+
+logger = logging.getLogger("config_sender")
+
+# Commands handed to paho and not yet acknowledged by the broker (PUBACK). The
+# rest wait in the tracker's own queue: paho's internal queue is unbounded and
+# its 16-bit message ids wrap (see design.md).
+PUBLISH_WINDOW = 100
+# The worker wakes at least this often, so the systemd watchdog can tell it lives.
+HEARTBEAT_SECONDS = 1.0
+# A worker that has not looped for this long is stuck: the watchdog lets systemd restart us.
+HEALTHY_HEARTBEAT_AGE = 15.0
+# Editors write a file in several steps; wait for the writes to settle.
+CONFIG_DEBOUNCE_SECONDS = 0.2
+# Wake a hair after a deadline rather than a hair before it, so that an alert
+# is never logged before the full timeout has passed by anyone's clock.
+DEADLINE_MARGIN = 0.005
+# On shutdown, how long to wait for the broker to acknowledge commands already handed over.
+SHUTDOWN_GRACE_SECONDS = 2.0
+# A PUBACK that never came (a broker lost with its session) must not shrink the window for ever.
+IN_FLIGHT_EXPIRY_SECONDS = 120.0
+# How often ``systemctl status`` gets a fresh one-line summary.
+STATUS_INTERVAL_SECONDS = 30.0
+
+
+# --- what the callbacks hand to the worker -------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CentralSubscribed:
+    ok: bool
+
+
+@dataclass(frozen=True)
+class _CentralMessage:
+    topic: str
+    payload: bytes
+    retained: bool
+
+
+@dataclass(frozen=True)
+class _InternalSubscribed:
+    ok: bool
+
+
+@dataclass(frozen=True)
+class _Disconnected:
+    broker: str  # "central" or "internal"
+
+
+@dataclass(frozen=True)
+class _MeterReply:
+    topic: str
+    payload: bytes
+    received_at: float  # monotonic, taken in the callback: latency is not worker lag
+
+
+@dataclass(frozen=True)
+class _Published:
+    mid: int
+
+
+@dataclass(frozen=True)
+class _ConfigFileTouched:
+    pass
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+_WorkItem = (_CentralSubscribed | _CentralMessage | _InternalSubscribed | _Disconnected | _MeterReply
+             | _Published | _ConfigFileTouched | _Stop)
+
+
+class _ConfigFileHandler(FileSystemEventHandler):
+    """Passes on events about one file name in the watched directory, moves onto it included."""
+
+    def __init__(self, file_name: str, notify: Callable[[], None]) -> None:
+        self.file_name = file_name
+        self.notify = notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        paths = [event.src_path, getattr(event, "dest_path", "")]
+        if any(path and os.path.basename(os.fsdecode(path)) == self.file_name for path in paths):
+            self.notify()
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file apart: its modification time (and inode and size, for renames)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The sections of a new configuration that only a restart applies."""
+    names = ("internal_broker", "central_broker", "internal_broker_topics", "central_broker_topics")
+    return [name for name in names if getattr(old, name) != getattr(new, name)]
+
+
+class ConfigSender:
+    """The configuration-flow daemon, startable and stoppable in-process (tests) or from ``main``.
+
+    ``config_path`` is watched for changes when given. ``retry_delays`` and the
+    client ids can be overridden so that tests run quickly and side by side.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        notifier: SystemdNotifier | None = None,
+        retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
+        client_id_prefix: str | None = None,
+    ) -> None:
+        self._config = config
+        self._config_path = config_path
+        self._environ: Mapping[str, str] = environ if environ is not None else {}
+        self._notifier = notifier
+        self._tracker = CommandTracker(config.meters, retry_delays=retry_delays)
+        # Guards the tracker against readers on other threads; only the worker writes.
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_WorkItem] = queue.SimpleQueue()
+        prefix = client_id_prefix or f"kpm33b-config-sender-{socket.gethostname()}"
+        self._central = make_client(config.central_broker, f"{prefix}-central")
+        self._internal = make_client(config.internal_broker, f"{prefix}-internal")
+        self._wire_callbacks()
+        self._rejections = RateLimitedLog(logger)
+        self._in_flight: dict[int, float] = {}   # paho mid -> when handed over
+        self._central_ready = False
+        self._internal_ready = False
+        self._ready = threading.Event()
+        self._crashed = threading.Event()
+        self._stopping = False
+        self._stop_requested_at: float | None = None
+        self._heartbeat = time.monotonic()
+        self._config_check_due: float | None = None
+        self._status_due = 0.0
+        self._started_at = time.monotonic()
+        self._stats_due = self._started_at + config.health.stats_interval_seconds
+        self._stats_topic = f"{config.central_broker_topics.external_main_topic}/bridge/config_sender/stats"
+        self._config_signature = _file_signature(config_path) if config_path else None
+        self._observer: BaseObserver | None = None
+        self._worker = threading.Thread(target=self._run, name="config-sender-worker", daemon=True)
+        self._started = False
+
+    # --- public API ---------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force (the last good one)."""
+        return self._config
+
+    def start(self) -> None:
+        """Connect both clients, start the worker and the file watcher; returns at once."""
+        logger.info("config_sender starting: %s", describe(self._config))
+        self._started = True
+        self._worker.start()
+        self._start_watching()
+        connect_in_background(self._internal, self._config.internal_broker)
+        connect_in_background(self._central, self._config.central_broker)
+        if self._notifier is not None:
+            self._notifier.start_watchdog(self.is_healthy)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop cleanly: let the broker acknowledge commands already handed over, then disconnect."""
+        if not self._started:
+            return
+        self._started = False
+        if self._notifier is not None:
+            self._notifier.stopping()
+        if self._observer is not None:
+            self._observer.stop()
+        self._queue.put(_Stop())
+        self._worker.join(timeout)
+        if self._observer is not None:
+            self._observer.join(timeout)
+        with self._lock:
+            stats = self._publish_stats(time.monotonic())
+        if stats is not None:
+            # Not connected after all: the retained stats of the last interval stay.
+            with contextlib.suppress(RuntimeError, ValueError):
+                stats.wait_for_publish(SHUTDOWN_GRACE_SECONDS)
+        for client in (self._central, self._internal):
+            client.disconnect()
+            client.loop_stop()
+        self._rejections.flush()
+        logger.info("config_sender stopped")
+
+    @property
+    def crashed(self) -> bool:
+        """The worker died of a bug: the process should exit and be restarted."""
+        return self._crashed.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether both brokers were connected and subscribed within ``timeout`` seconds."""
+        return self._ready.wait(timeout)
+
+    @property
+    def internal_ready(self) -> bool:
+        """Connected and subscribed to the meters' reply topics: commands go out."""
+        return self._internal_ready
+
+    @property
+    def central_ready(self) -> bool:
+        """Connected and subscribed to the discovery topics."""
+        return self._central_ready
+
+    def counters(self) -> dict[str, int]:
+        """sent, acked, alerted, late, failed, pending, retried, rejected_replies, … (for stats)."""
+        with self._lock:
+            return self._tracker.counters()
+
+    def stats(self) -> dict[str, object]:
+        """The retained ``<main>/bridge/config_sender/stats`` document: the counters, meters, uptime."""
+        with self._lock:
+            return self._stats(time.monotonic())
+
+    def known_meters(self) -> frozenset[str]:
+        """Every meter id discovered so far, excluded ones included."""
+        with self._lock:
+            return self._tracker.known_meters()
+
+    def is_healthy(self) -> bool:
+        """Both network threads alive and the worker looping: the systemd watchdog's question."""
+        return (
+            network_thread_alive(self._central)
+            and network_thread_alive(self._internal)
+            and self._worker.is_alive()
+            and time.monotonic() - self._heartbeat < HEALTHY_HEARTBEAT_AGE
+        )
+
+    # --- paho callbacks: hand over and return -------------------------------------------
+
+    def _wire_callbacks(self) -> None:
+        self._reporters = {
+            "central": ConnectionReporter(self._central, "central", self._config.central_broker, logger),
+            "internal": ConnectionReporter(self._internal, "internal", self._config.internal_broker, logger),
+        }
+        self._central.on_connect = self._on_central_connect
+        self._central.on_disconnect = self._on_disconnect
+        self._central.on_subscribe = self._on_central_subscribe
+        self._central.on_message = self._on_central_message
+        self._internal.on_connect = self._on_internal_connect
+        self._internal.on_disconnect = self._on_disconnect
+        self._internal.on_subscribe = self._on_internal_subscribe
+        self._internal.on_message = self._on_internal_message
+        self._internal.on_publish = self._on_internal_publish
+
+    def _on_central_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+                            _properties: Any) -> None:
+        if not self._reporters["central"].connected(reason_code):
+            return
+        logger.info("connected to central broker %s:%d", self._config.central_broker.host,
+                    self._config.central_broker.port)
+        # Subscribing on every connect makes a reconnect invisible.
+        main = self._config.central_broker_topics.external_main_topic
+        client.subscribe([(topic, 1) for topic in central_subscriptions(main)])
+
+    def _on_internal_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+                             _properties: Any) -> None:
+        if not self._reporters["internal"].connected(reason_code):
+            return
+        logger.info("connected to internal broker %s:%d", self._config.internal_broker.host,
+                    self._config.internal_broker.port)
+        topics = self._config.internal_broker_topics
+        client.subscribe([(topic, 1) for topic in dict.fromkeys((topics.meter_config_ack, topics.meter_time_ack))])
+
+    def _on_disconnect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+                       _properties: Any) -> None:
+        broker = "central" if client is self._central else "internal"
+        self._reporters[broker].disconnected(reason_code, deliberate=not self._started)
+        # The ready flags belong to the worker: it sees connect and disconnect in order.
+        self._queue.put(_Disconnected(broker))
+
+    def _on_central_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reason_codes: list[Any],
+                              _properties: Any) -> None:
+        self._queue.put(_CentralSubscribed(not any(code.is_failure for code in reason_codes)))
+
+    def _on_internal_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reason_codes: list[Any],
+                               _properties: Any) -> None:
+        self._queue.put(_InternalSubscribed(not any(code.is_failure for code in reason_codes)))
+
+    def _on_central_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._queue.put(_CentralMessage(message.topic, message.payload, bool(message.retain)))
+
+    def _on_internal_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._queue.put(_MeterReply(message.topic, message.payload, time.monotonic()))
+
+    def _on_internal_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason_code: Any,
+                             _properties: Any) -> None:
+        self._queue.put(_Published(mid))
+
+    # --- the worker -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Take events off the queue, sleep until the next deadline, publish what is due."""
+        try:
+            while True:
+                now = time.monotonic()
+                try:
+                    items = [self._queue.get(timeout=self._wait_time(now))]
+                except queue.Empty:
+                    items = []
+                # Deadlines are judged against the time before draining: a reply
+                # drained now carries its own (earlier) arrival time.
+                now = time.monotonic()
+                while len(items) < 10000:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                with self._lock:
+                    for item in items:
+                        self._handle(item)
+                    self._after_events(now)
+                self._heartbeat = time.monotonic()
+                if self._stopping and self._may_exit():
+                    return
+        except Exception:
+            # A bug must not leave a zombie that looks alive: main exits non-zero
+            # (systemd restarts it) and the watchdog stops pinging.
+            logger.critical("config_sender worker crashed", exc_info=True)
+            self._crashed.set()
+            raise
+
+    def _wait_time(self, now: float) -> float:
+        wakeups = [now + HEARTBEAT_SECONDS]
+        with self._lock:
+            next_wakeup = self._tracker.next_wakeup()
+        if next_wakeup is not None:
+            wakeups.append(next_wakeup + DEADLINE_MARGIN)
+        if self._config_check_due is not None:
+            wakeups.append(self._config_check_due)
+        if self._stopping:
+            wakeups.append(now + 0.05)
+        return max(0.0, min(wakeups) - now)
+
+    def _may_exit(self) -> bool:
+        assert self._stop_requested_at is not None
+        return not self._in_flight or time.monotonic() - self._stop_requested_at > SHUTDOWN_GRACE_SECONDS
+
+    def _handle(self, item: _WorkItem) -> None:
+        match item:
+            case _CentralMessage():
+                self._handle_central_message(item)
+            case _MeterReply():
+                for event in self._tracker.observe_reply(item.payload, item.received_at):
+                    self._log_event(event, item.topic)
+            case _Published():
+                self._in_flight.pop(item.mid, None)
+            case _InternalSubscribed(ok=ok):
+                if not ok:
+                    logger.error("internal broker refused the subscription to the meters' reply topics")
+                self._internal_ready = ok
+                self._check_ready()
+            case _CentralSubscribed(ok=ok):
+                if not ok:
+                    logger.error("central broker refused the subscription to the meter topics")
+                self._central_ready = ok
+                self._check_ready()
+            case _Disconnected(broker="central"):
+                self._central_ready = False
+            case _Disconnected():
+                self._internal_ready = False
+                resend = self._tracker.connection_lost()
+                if resend:
+                    logger.warning("%d commands awaiting replies will be sent again when the internal broker "
+                                   "is back; their timeouts start then", resend)
+            case _ConfigFileTouched():
+                self._config_check_due = time.monotonic() + CONFIG_DEBOUNCE_SECONDS
+            case _Stop():
+                self._stopping = True
+                self._stop_requested_at = time.monotonic()
+
+    def _check_ready(self) -> None:
+        if self._central_ready and self._internal_ready and not self._ready.is_set():
+            self._ready.set()
+            logger.info("ready: subscribed on both brokers")
+            if self._notifier is not None:
+                self._notifier.ready(status=self._status_text())
+
+    def _handle_central_message(self, item: _CentralMessage) -> None:
+        main = self._config.central_broker_topics.external_main_topic
+        topic = parse_central_topic(main, item.topic)
+        if topic is None:
+            logger.debug("ignored %s: not a meter topic", item.topic)
+            return
+        now = time.monotonic()
+        if topic.leaf == AVAILABILITY:
+            state = parse_availability(item.payload)
+            if state is None:
+                logger.debug("ignored availability %r on %s", item.payload[:40], item.topic)
+                return
+            events = self._tracker.observe_availability(topic.meter_id, state, now)
+        else:
+            meter_time = parse_reading_time(item.payload)
+            events = self._tracker.observe_reading(topic.meter_id, topic.leaf, meter_time, item.retained,
+                                                   now, datetime.now())
+        for event in events:
+            self._log_event(event)
+
+    def _after_events(self, now: float) -> None:
+        for event in self._tracker.tick(now):
+            self._log_event(event)
+        if self._config_check_due is not None and time.monotonic() >= self._config_check_due:
+            self._config_check_due = None
+            self._reload_config()
+        self._publish_due()
+        if now >= self._stats_due:
+            self._stats_due = now + self._config.health.stats_interval_seconds
+            self._publish_stats(now)
+        if self._notifier is not None and self._ready.is_set() and now >= self._status_due:
+            self._status_due = now + STATUS_INTERVAL_SECONDS
+            self._notifier.status(self._status_text())
+
+    def _publish_due(self) -> None:
+        """Hand queued commands to paho while connected and within the window."""
+        if not self._internal_ready or self._stopping:
+            return
+        if self._in_flight:
+            expired = time.monotonic() - IN_FLIGHT_EXPIRY_SECONDS
+            for mid in [mid for mid, at in self._in_flight.items() if at < expired]:
+                del self._in_flight[mid]
+        topics = self._config.internal_broker_topics
+        while len(self._in_flight) < PUBLISH_WINDOW:
+            command = self._tracker.pop_outgoing(datetime.now())
+            if command is None:
+                return
+            topic = command.topic(topics)
+            try:
+                info = self._internal.publish(topic, command.payload(), qos=1)
+            except (ValueError, RuntimeError) as error:
+                # Still marked sent: it times out and is alerted like any lost command.
+                logger.error("could not publish %s: %s", command.describe(), error)
+            else:
+                self._in_flight[info.mid] = time.monotonic()
+            self._tracker.mark_sent(command, time.monotonic())
+            logger.debug("sent %s to %s", command.describe(), topic)
+
+    # --- configuration reload -----------------------------------------------------------
+
+    def _start_watching(self) -> None:
+        if self._config_path is None:
+            return
+        directory = self._config_path.resolve().parent
+        handler = _ConfigFileHandler(self._config_path.name, lambda: self._queue.put(_ConfigFileTouched()))
+        for observer_type in (Observer, PollingObserver):
+            observer = observer_type()
+            try:
+                observer.schedule(handler, str(directory), recursive=False)
+                observer.start()
+            except OSError as error:
+                logger.warning("cannot watch %s with %s (%s)", directory, observer_type.__name__, error)
+                continue
+            self._observer = observer
+            logger.info("watching %s for changes", self._config_path)
+            return
+        logger.error("cannot watch %s: configuration changes need a restart", self._config_path)
+
+    def _reload_config(self) -> None:
+        """Reload after the file's modification time changed; keep the last good configuration if invalid."""
+        assert self._config_path is not None
+        signature = _file_signature(self._config_path)
+        if signature == self._config_signature:
+            return
+        self._config_signature = signature
+        if signature is None:
+            logger.warning("configuration %s is gone; keeping the last good configuration", self._config_path)
+            return
+        try:
+            new = load_config(self._config_path, self._environ)
+        except ConfigError as error:
+            for problem in error.problems:
+                logger.error("invalid configuration %s: %s", self._config_path, problem)
+            logger.error("keeping the last good configuration; nothing sent")
+            return
+        old = self._config
+        restart_only = _restart_only_changes(old, new)
+        if restart_only:
+            logger.warning("%s changed in %s: broker connection settings take effect only when config_sender "
+                           "restarts", ", ".join(restart_only), self._config_path)
+        self._config = replace(new, internal_broker=old.internal_broker, central_broker=old.central_broker,
+                               internal_broker_topics=old.internal_broker_topics,
+                               central_broker_topics=old.central_broker_topics)
+        if new.logging.level != old.logging.level:
+            logging.getLogger().setLevel(new.logging.level)
+        known = len(self._tracker.known_meters())
+        logger.info("configuration reloaded from %s (%s); configuring %d known meters again",
+                    self._config_path, describe(self._config), known)
+        for event in self._tracker.apply_settings(self._config.meters, time.monotonic()):
+            self._log_event(event)
+
+    # --- log lines ------------------------------------------------------------------------
+
+    def _log_event(self, event: Event, topic: str = "") -> None:
+        """One log line per event; the wording is documented in doc/configuration_flow.md."""
+        match event:
+            case Acked(command=command, latency=latency):
+                logger.info("meter %s acknowledged %s = %s in %.3f s (oprid %s)", command.meter_id,
+                            command.kind.label, command.value, latency, command.oprid)
+            case NoReply(command=command, timeout=timeout, retry_in=retry_in, retries=retries):
+                if retry_in is not None:
+                    then = f"retry {command.attempt + 1} of {retries} in {retry_in:g} s"
+                else:
+                    then = "no more retries until the meter comes back online or the configuration changes"
+                logger.log(ALERT, "meter %s did not reply to %s = %s within %g s (oprid %s); %s",
+                           command.meter_id, command.kind.label, command.value, timeout, command.oprid, then)
+            case Failed(command=command, msg=msg, latency=latency):
+                logger.log(ALERT, "meter %s refused %s = %s after %.3f s: %s (oprid %s)", command.meter_id,
+                           command.kind.label, command.value, latency,
+                           f"msg {msg!r}" if msg else "no reason given", command.oprid)
+            case LateReply(command=command, code=code, msg=msg, latency=latency, stopped_retries=stopped):
+                outcome = "accepted" if code == "01" else f"refused, msg {msg!r}"
+                logger.warning("late reply from meter %s to %s = %s after %.3f s: %s%s (oprid %s)",
+                               command.meter_id, command.kind.label, command.value, latency, outcome,
+                               "; retries stopped" if stopped else "", command.oprid)
+            case Retrying(command=command, retries=retries):
+                logger.info("retrying %s (retry %d of %d)", command.describe(), command.attempt, retries)
+            case Discovered(meter_id=meter_id, source=source, excluded=excluded, offline=offline):
+                if excluded:
+                    logger.info("discovered meter %s (from %s): excluded, no commands", meter_id, source)
+                elif offline:
+                    logger.info("discovered meter %s (from %s): offline, configured when it comes online",
+                                meter_id, source)
+                else:
+                    logger.info("discovered meter %s (from %s): setting %d s / %d min", meter_id, source,
+                                self._config.meters.seconds_interval(meter_id),
+                                self._config.meters.minutes_interval(meter_id))
+            case BackOnline(meter_id=meter_id):
+                logger.info("meter %s is back online: configuring it again", meter_id)
+            case WentOffline(meter_id=meter_id):
+                logger.info("meter %s is offline", meter_id)
+            case ClockDrift(meter_id=meter_id, meter_time=meter_time, drift_seconds=drift):
+                logger.warning("meter %s clock reads %s, %.0f s %s local time: setting it", meter_id,
+                               meter_time.isoformat(), abs(drift), "ahead of" if drift > 0 else "behind")
+            case Superseded(command=command):
+                logger.debug("superseded %s", command.describe())
+            case Cancelled(command=command, reason=reason):
+                logger.info("dropped %s: %s", command.describe(), reason)
+            case RejectedReply(reason=reason, detail=detail):
+                self._rejections.warning(reason, "rejected reply on %s: %s: %s", topic, reason, detail)
+            case IgnoredReply(command=command, outcome=outcome):
+                logger.debug("ignored reply to %s: command already %s", command.describe(), outcome.value)
+
+    def _status_text(self) -> str:
+        counts = self._tracker.counters()
+        return (f"{len(self._tracker.known_meters())} meters; {counts['pending']} commands pending, "
+                f"{counts['acked']} acked, {counts['alerted']} unanswered, {counts['failed']} refused")
+
+    def _stats(self, now: float) -> dict[str, object]:
+        return {**self._tracker.counters(), "meters": len(self._tracker.known_meters()),
+                "uptime_seconds": round(now - self._started_at)}
+
+    def _publish_stats(self, now: float) -> mqtt.MQTTMessageInfo | None:
+        """Log the counters and publish them retained on the central broker, when connected.
+
+        Only while connected: stats from an outage are stale by the time it ends,
+        and paho would otherwise queue them without bound.
+        """
+        document = json.dumps(self._stats(now))
+        logger.info("stats: %s", document)
+        if not self._central_ready:
+            return None
+        return self._central.publish(self._stats_topic, document, qos=1, retain=True)
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT (exit 0); exit 2 (one line per problem) on an invalid configuration."""
+    environ = dict(os.environ) if environ is None else environ
+    command_line = parse_command_line(sys.argv[1:] if argv is None else argv, environ,
+                                      Path(__file__).resolve().parent,
+                                      "Discover KPM33B meters and push their upload intervals and clock.")
+    config = load_or_exit(command_line, environ)
+    setup_logging(config.logging.level, environ)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    sender = ConfigSender(config, command_line.config_path, environ=environ, notifier=SystemdNotifier(environ))
+    sender.start()
+    try:
+        while not stop.wait(1.0) and not sender.crashed:
+            pass
+    finally:
+        sender.stop()
+    return 1 if sender.crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
