@@ -90,11 +90,14 @@ class Runner:
             self.say(name, raw.decode(errors="replace").rstrip())
 
     def stop_all(self) -> None:
-        """SIGTERM everything, newest first, then wait."""
-        for _name, process in reversed(self.processes):
+        """SIGTERM everything, newest first, each after the previous one ended.
+
+        The daemons go before the brokers, so that they can still deliver what
+        they hold and publish their offline state.
+        """
+        for name, process in reversed(self.processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for name, process in reversed(self.processes):
             try:
                 code = process.wait(timeout=10)
             except subprocess.TimeoutExpired:
