@@ -35,6 +35,10 @@ from typing import Any, Literal, NamedTuple
 
 import paho.mqtt.client as mqtt
 
+# Run as a script from any directory: the project's modules sit one level up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from config_loader import InternalTopics
+
 LOG = logging.getLogger("meter_simulator")
 
 # Tag lists in the order the protocol table gives them; the payload builders
@@ -425,15 +429,8 @@ def command_reply(kind: CommandKind, payload: bytes, meter_id: str, fail: bool =
 
 
 @dataclass(frozen=True)
-class MeterTopics:
-    """Topic names on the internal broker; field names follow config.yaml."""
-
-    meter_seconds_data: str = "MQTT_RT_DATA"
-    meter_minutes_data: str = "MQTT_ENY_NOW"
-    meter_config: str = "MQTT_COMMOD_SET_"
-    meter_config_ack: str = "MQTT_COMMOD_SET_REP"
-    meter_time: str = "MQTT_SETTIME_"
-    meter_time_ack: str = "MQTT_METER_TIME_REP"
+class MeterTopics(InternalTopics):
+    """The project's internal topic names, seen from the meter's side."""
 
     def config_topic(self, meter_id: str) -> str:
         """The upload-frequency command topic one meter listens on."""
