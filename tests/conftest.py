@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from broker import Mosquitto  # noqa: E402
+from daemons import DaemonProcess  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -31,3 +32,13 @@ def central_broker() -> Iterator[Mosquitto]:
     broker = Mosquitto().start()
     yield broker
     broker.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_daemons() -> Iterator[None]:
+    """Whatever a test did, no daemon it started outlives it."""
+    yield
+    while DaemonProcess.started:
+        daemon = DaemonProcess.started.pop()
+        if daemon.alive():
+            daemon.kill()

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paho.mqtt.client as mqtt
 import yaml
@@ -116,7 +116,13 @@ def publish_all(client: mqtt.Client, messages: list[tuple[str, bytes | str]]) ->
 
 
 class DaemonProcess:
-    """One of the project's daemons as a real process, its output captured to a file."""
+    """One of the project's daemons as a real process, its output captured to a file.
+
+    Every instance is remembered until it has ended, so that a failing test
+    cannot leave a daemon running (see ``kill_leftover_daemons`` in conftest).
+    """
+
+    started: ClassVar[list[DaemonProcess]] = []
 
     def __init__(self, script: str, config_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = config_path.parent / f"{Path(script).stem}.log"
@@ -128,6 +134,7 @@ class DaemonProcess:
             [sys.executable, str(ROOT / script), "--config", str(config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=config_path.parent,
         )
+        DaemonProcess.started.append(self)
 
     def output(self) -> str:
         """What the daemon logged so far."""
