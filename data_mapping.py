@@ -321,7 +321,9 @@ class MeterMemory:
 
     def energy_snapshot(self) -> dict[str, float]:
         """The last forwarded energy per meter, to persist."""
-        return {meter_id: r.energy for meter_id, r in self._meters.items() if r.energy is not None}
+        # list() copies in one step under the GIL: the proxy's network thread may be adding meters.
+        records = list(self._meters.items())
+        return {meter_id: r.energy for meter_id, r in records if r.energy is not None}
 
     def __len__(self) -> int:
         return len(self._meters)

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 
@@ -87,6 +87,17 @@ def stats_payload(counters: Mapping[str, int], drops: Mapping[str, int], queue_d
     }
 
 
+class Outgoing(NamedTuple):
+    """One message for the central broker, and what to do once it is delivered."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    source_mid: int = 0  # the internal broker's message id, acknowledged once delivered (0: none)
+    reading: bool = False  # a clean reading (counted as forwarded when delivered)
+    energy: tuple[str, float] | None = None  # (meter id, kWh) for the energy journal, once delivered
+
+
 class OutgoingQueue:
     """The bounded FIFO of clean messages between the mapping and the central client.
 
@@ -97,25 +108,29 @@ class OutgoingQueue:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.condition = threading.Condition()
-        self._messages: deque[tuple[str, bytes, bool]] = deque()
+        self._messages: deque[Outgoing] = deque()
         self.outstanding = 0  # handed to paho, not yet acknowledged
-        self.dropped = 0
 
-    def put(self, topic: str, payload: bytes, retain: bool) -> bool:
-        """Queue one message; False when the oldest had to be dropped for it."""
+    def put(self, item: Outgoing) -> Outgoing | None:
+        """Queue one message; the oldest one when it had to be dropped for it."""
         with self.condition:
-            overflow = len(self._messages) >= self.capacity
-            if overflow:
-                self._messages.popleft()
-                self.dropped += 1
-            self._messages.append((topic, payload, retain))
+            dropped = self._messages.popleft() if len(self._messages) >= self.capacity else None
+            self._messages.append(item)
             self.condition.notify()
-            return not overflow
+            return dropped
 
-    def take(self, limit: int) -> list[tuple[str, bytes, bool]]:
+    def take(self, limit: int) -> list[Outgoing]:
         """Remove up to ``limit`` messages (caller holds ``condition``)."""
         count = min(limit, len(self._messages))
         return [self._messages.popleft() for _ in range(count)]
+
+    def discard_readings(self) -> int:
+        """Drop the queued readings (they will be redelivered to us); how many."""
+        with self.condition:
+            kept = deque(item for item in self._messages if not item.source_mid)
+            dropped = len(self._messages) - len(kept)
+            self._messages = kept
+            return dropped
 
     def __len__(self) -> int:
         return len(self._messages)
@@ -153,6 +168,13 @@ class Proxy:
         self._state_lock = threading.Lock()
         self.bridge_topic = f"{self.main_topic}/bridge/state"
         self.internal = make_client(config.internal_broker, INTERNAL_CLIENT_ID)
+        # A reading is acknowledged to the internal broker only once the central
+        # broker has it (or it was dropped on purpose): killed at any moment, the
+        # proxy gets every reading it had not delivered again at its next start.
+        self.internal.manual_ack_set(True)
+        self._handed: dict[int, Outgoing] = {}  # central message id → what it carries
+        self._acked_early: set[int] = set()  # PUBACKs that came before publish() returned
+        self._handed_lock = threading.Lock()
         self.central = make_client(
             config.central_broker,
             f"kpm33b-proxy-{socket.gethostname()}",
@@ -241,19 +263,23 @@ class Proxy:
         )
 
     def stop(self) -> None:
-        """Stop reading, finish in-flight publishes, publish ``offline``, disconnect."""
+        """Deliver what is in hand, stop reading, publish the stats and ``offline``, disconnect.
+
+        Readings still queued once the internal connection is closed were never
+        acknowledged: the internal broker keeps them in our session and hands
+        them over again at the next start, so they are not published now (that
+        would deliver them twice).
+        """
         self._closing = True
         self.notifier.stopping()
+        self._drain(SHUTDOWN_DRAIN_SECONDS)
         self.internal.disconnect()
         self.internal.loop_stop()
         self._internal_subscribed = False
+        left_for_next_start = self.queue.discard_readings()
+        self._update_bridge_state()  # offline
         self.publish_stats(time.monotonic())
-        self._update_bridge_state()  # offline, queued behind the readings still to deliver
-        deadline = time.monotonic() + SHUTDOWN_DRAIN_SECONDS
-        while (len(self.queue) or self.queue.outstanding) and self._central_connected \
-                and time.monotonic() < deadline:
-            with self.queue.condition:
-                self.queue.condition.wait(0.05)
+        self._drain(SHUTDOWN_DRAIN_SECONDS / 2)
         self.stopping.set()
         with self.queue.condition:
             self.queue.condition.notify_all()
@@ -264,8 +290,19 @@ class Proxy:
             self.journal.close()
         self.notifier.close()
         self.rejections.flush()
-        left = len(self.queue) + self.queue.outstanding
-        log.info("stopped%s", f"; {left} messages could not be delivered" if left else "")
+        lost = len(self.queue) + self.queue.outstanding
+        log.info("stopped%s%s",
+                 f"; {left_for_next_start} readings left with the internal broker for the next start"
+                 if left_for_next_start else "",
+                 f"; {lost} messages could not be delivered" if lost else "")
+
+    def _drain(self, seconds: float) -> None:
+        """Wait (bounded) until everything queued is delivered, while the central broker is there."""
+        deadline = time.monotonic() + seconds
+        while (len(self.queue) or self.queue.outstanding) and self._central_connected \
+                and time.monotonic() < deadline:
+            with self.queue.condition:
+                self.queue.condition.wait(0.05)
 
     # --- internal broker (meters) ------------------------------------------------
 
@@ -295,10 +332,11 @@ class Proxy:
         self.internal_reporter.disconnected(reason_code, deliberate=self._closing)
         self._update_bridge_state()
 
-    def _on_internal_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_internal_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         """Map one raw packet: pure work only, then hand the result to the queue."""
         kind = self.kinds.get(message.topic)
         if kind is None:
+            client.ack(message.mid, message.qos)
             return
         now = time.monotonic()
         self.counters.add("received")
@@ -307,30 +345,36 @@ class Proxy:
                 and self.availability.seen(outcome.meter_id, now):
             log.info("meter %s is online", outcome.meter_id)
             self._publish_availability(outcome.meter_id, "online")
-        if outcome.message is not None:
-            clean = outcome.message
-            self.discovery.meter_seen(clean.meter_id)  # its configs go before its first reading
-            self.queue_publish(clean_topic(self.main_topic, clean.meter_id, clean.kind),
-                               encode_payload(clean.payload), retain=True)
-            self.counters.add("forwarded")
-            energy = clean.payload.get("active_energy")
-            if isinstance(energy, int | float):
-                with self._state_lock:
-                    self.journal.record(clean.meter_id, energy)
-        elif outcome.reason is not None:
-            if outcome.meter_id is None:
-                self.rejections.warning(outcome.reason, "rejected a message on %s: %s", message.topic,
-                                        outcome.detail)
-            else:
-                log.debug("dropped a %s reading of meter %s: %s", kind, outcome.meter_id, outcome.reason)
+        if outcome.message is None:
+            client.ack(message.mid, message.qos)  # nothing to deliver: done with it
+            if outcome.reason is not None:
+                if outcome.meter_id is None:
+                    self.rejections.warning(outcome.reason, "rejected a message on %s: %s", message.topic,
+                                            outcome.detail)
+                else:
+                    log.debug("dropped a %s reading of meter %s: %s", kind, outcome.meter_id, outcome.reason)
+            return
+        clean = outcome.message
+        self.discovery.meter_seen(clean.meter_id)  # its configs go before its first reading
+        energy = clean.payload.get("active_energy")
+        self._enqueue(Outgoing(
+            clean_topic(self.main_topic, clean.meter_id, clean.kind), encode_payload(clean.payload), True,
+            source_mid=message.mid if message.qos else 0, reading=True,
+            energy=(clean.meter_id, energy) if isinstance(energy, int | float) else None,
+        ))
 
     # --- central broker (consumers) ----------------------------------------------
 
     def queue_publish(self, topic: str, payload: bytes | str, retain: bool) -> None:
-        """Queue a message for the central broker (any thread)."""
-        data = payload.encode() if isinstance(payload, str) else payload
-        if not self.queue.put(topic, data, retain):
+        """Queue a message of the proxy's own for the central broker (any thread)."""
+        self._enqueue(Outgoing(topic, payload.encode() if isinstance(payload, str) else payload, retain))
+
+    def _enqueue(self, item: Outgoing) -> None:
+        dropped = self.queue.put(item)
+        if dropped is not None:
             self.counters.add("dropped.queue_full")
+            if dropped.source_mid:
+                self.internal.ack(dropped.source_mid, 1)  # given up on: the broker may forget it
             self.rejections.warning("queue_full", "outgoing queue full (%d messages): dropped the oldest",
                                     self.queue.capacity)
 
@@ -353,14 +397,38 @@ class Proxy:
             # Published outside the condition: paho calls on_publish holding its own lock.
             # A QoS 1 message handed over while disconnected stays in paho's session
             # and is sent on reconnect, so every message handed over counts as outstanding.
-            for topic, payload, retain in batch:
-                self.central.publish(topic, payload, qos=1, retain=retain)
+            for item in batch:
+                info = self.central.publish(item.topic, item.payload, qos=1, retain=item.retain)
+                with self._handed_lock:
+                    delivered = info.mid in self._acked_early
+                    if delivered:
+                        self._acked_early.discard(info.mid)
+                    else:
+                        self._handed[info.mid] = item
+                if delivered:
+                    self._delivered(item)
 
-    def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, _mid: int, _reason_code: Any,
+    def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason_code: Any,
                             _properties: Any) -> None:
+        with self._handed_lock:
+            item = self._handed.pop(mid, None)
+            if item is None:
+                self._acked_early.add(mid)
         with self.queue.condition:
             self.queue.outstanding -= 1
             self.queue.condition.notify()
+        if item is not None:
+            self._delivered(item)
+
+    def _delivered(self, item: Outgoing) -> None:
+        """The central broker has the message: count it, journal it, release the raw one."""
+        if item.reading:
+            self.counters.add("forwarded")
+        if item.energy is not None:
+            with self._state_lock:
+                self.journal.record(*item.energy)
+        if item.source_mid:
+            self.internal.ack(item.source_mid, 1)
 
     def _on_central_connect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                             _properties: Any) -> None:
