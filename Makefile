@@ -26,6 +26,9 @@ test: deps ## lint and the whole test suite, integration tests included
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
+bench: deps ## performance: proxy vs bare paho forwarder vs Mosquitto bridge, latency, memory, config_sender
+	$(PY) bench/run.py
+
 lint: deps ## ruff only
 	$(VENV)/bin/ruff check .
 

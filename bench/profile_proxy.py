@@ -1,0 +1,150 @@
+"""Profile the proxy's hot path in-process: where a forwarded reading's CPU time goes.
+
+    .venv/bin/python bench/profile_proxy.py [--messages 100000] [--meters 1000] [--top 25]
+
+Three measurements, no broker involved:
+
+1. ``MeterDataProcessor.process`` + ``encode_payload`` (the pure mapping);
+2. the proxy's whole ``on_message`` path (``Proxy._on_internal_message``: the
+   mapping, availability, Home Assistant discovery, the outgoing queue, the
+   counters and the energy journal), fed ``MQTTMessage`` objects as paho
+   would, the queue drained by the benchmark between batches;
+3. the per-tick work with 100,000 meters online (``MeterAvailability.went_offline``).
+
+Each prints the time per message and cProfile's top functions by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from payloads import RT_DATA, LoadBuilder, bench_meter_ids  # noqa: E402
+
+import config_loader  # noqa: E402
+import kpm33b_proxy  # noqa: E402
+from data_mapping import MINUTES, SECONDS, MeterDataProcessor, encode_payload  # noqa: E402
+
+
+def _readings(messages: int, meters: int) -> list:
+    builder = LoadBuilder(bench_meter_ids(meters))
+    return builder.rounds(0, max(1, messages // (2 * meters)))[:messages]
+
+
+def _report(profile: cProfile.Profile, top: int) -> str:
+    stream = io.StringIO()
+    stats = pstats.Stats(profile, stream=stream)
+    stats.sort_stats("tottime").print_stats(top)
+    return "\n".join(line for line in stream.getvalue().splitlines() if line.strip())
+
+
+def profile_mapping(readings: list, top: int) -> None:
+    """The pure mapping, timed without and then with the profiler."""
+    kinds = {RT_DATA: SECONDS}
+    work = [(kinds.get(r.topic, MINUTES), r.payload) for r in readings]
+
+    def run() -> int:
+        processor = MeterDataProcessor()
+        forwarded = 0
+        for now, (kind, payload) in enumerate(work):
+            outcome = processor.process(kind, payload, float(now) * 1e-3)
+            if outcome.message is not None:
+                encode_payload(outcome.message.payload)
+                forwarded += 1
+        return forwarded
+
+    started = time.perf_counter()
+    forwarded = run()
+    elapsed = time.perf_counter() - started
+    print(f"\n== 1. MeterDataProcessor.process + encode_payload: {len(work)} messages, {forwarded} forwarded, "
+          f"{elapsed * 1e6 / len(work):.1f} µs per message (no profiler)")
+    profile = cProfile.Profile()
+    profile.runcall(run)
+    print(_report(profile, top))
+
+
+def _proxy(state_dir: Path) -> kpm33b_proxy.Proxy:
+    config = config_loader.Config(
+        central_broker=config_loader.BrokerSettings(host="127.0.0.1", port=1, max_queued_messages=10_000_000),
+    )
+    proxy = kpm33b_proxy.Proxy(config, state_dir)
+    for meter_id, energy in proxy.journal.open().items():
+        proxy.memory.restore_energy(meter_id, energy)
+    return proxy
+
+
+def profile_on_message(readings: list, top: int) -> None:
+    """The proxy's on_message path, as paho calls it (warm: every meter already announced)."""
+    messages = []
+    for reading in readings:
+        message = mqtt.MQTTMessage(topic=reading.topic.encode())
+        message.payload = reading.payload
+        messages.append(message)
+    meters = {reading.meter_id for reading in readings}
+    with tempfile.TemporaryDirectory(prefix="kpm33b-bench-profile-") as state:
+        proxy = _proxy(Path(state))
+        # Round 0 (each meter's first readings) brings availability and discovery: not the steady state.
+        warm, rest = messages[: 2 * len(meters)], messages[2 * len(meters):]
+
+        def run(batch: list) -> None:
+            on_message = proxy._on_internal_message
+            for message in batch:
+                on_message(None, None, message)
+            with proxy.queue.condition:
+                proxy.queue.take(len(proxy.queue))
+
+        run(warm)
+        started = time.perf_counter()
+        half = len(rest) // 2
+        run(rest[:half])
+        elapsed = time.perf_counter() - started
+        print(f"\n== 2. Proxy._on_internal_message (steady state, {len(meters)} meters known): {half} messages, "
+              f"{elapsed * 1e6 / half:.1f} µs per message (no profiler)")
+        profile = cProfile.Profile()
+        profile.runcall(run, rest[half:])
+        print(_report(profile, top))
+        proxy.journal.close()
+
+
+def profile_tick(meters: int) -> None:
+    """What the 0.5 s tick costs with many meters online."""
+    with tempfile.TemporaryDirectory(prefix="kpm33b-bench-profile-") as state:
+        proxy = _proxy(Path(state))
+        now = time.monotonic()
+        for meter_id in bench_meter_ids(meters):
+            proxy.availability.seen(meter_id, now)
+        started = time.perf_counter()
+        proxy.availability.went_offline(now + 1)
+        elapsed = time.perf_counter() - started
+        print(f"\n== 3. MeterAvailability.went_offline with {meters} meters online: {elapsed * 1e3:.1f} ms per "
+              f"tick (every {kpm33b_proxy.TICK_SECONDS} s, holding the GIL and the availability lock)")
+        proxy.journal.close()
+
+
+def main() -> int:
+    """Run the three profiles."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--meters", type=int, default=1_000)
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+    readings = _readings(args.messages, args.meters)
+    profile_mapping(readings, args.top)
+    profile_on_message(readings, args.top)
+    profile_tick(100_000)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
