@@ -24,39 +24,50 @@ class MeterAvailability:
 
     ``max_meters`` bounds the memory: beyond it the longest-silent meter is
     forgotten (it is reported offline by then in any installation that size).
+    ``shortest_limit`` is the smallest silence limit of any meter: the meters
+    are kept in the order they were last seen, so the check for silent ones
+    stops at the first meter heard from more recently than that, instead of
+    visiting every meter twice a second.
+
+    The set kept is of the few offline meters, not of the many online ones:
+    with 100,000 meters that is 4 MB less.
     """
 
-    def __init__(self, limit_for: Callable[[str], float], max_meters: int = 200_000) -> None:
+    def __init__(self, limit_for: Callable[[str], float], shortest_limit: float,
+                 max_meters: int = 200_000) -> None:
         self._limit_for = limit_for
+        self._shortest_limit = shortest_limit
         self._max_meters = max_meters
-        self._last_seen: dict[str, float] = {}
-        self._online: set[str] = set()
+        self._last_seen: dict[str, float] = {}  # oldest first
+        self._offline: set[str] = set()
         self._lock = threading.Lock()
 
     def seen(self, meter_id: str, now: float) -> bool:
         """Record a packet from ``meter_id``; True when it just came online."""
         with self._lock:
-            self._last_seen.pop(meter_id, None)
+            known = self._last_seen.pop(meter_id, None) is not None
             self._last_seen[meter_id] = now  # re-inserted: the dict stays ordered by last seen
             if len(self._last_seen) > self._max_meters:
                 oldest = next(iter(self._last_seen))
                 del self._last_seen[oldest]
-                self._online.discard(oldest)
-            if meter_id in self._online:
+                self._offline.discard(oldest)
+            if known and meter_id not in self._offline:
                 return False
-            self._online.add(meter_id)
+            self._offline.discard(meter_id)
             return True
 
     def went_offline(self, now: float) -> list[str]:
         """The meters silent for longer than their limit since the last call; now offline."""
+        offline = []
         with self._lock:
-            offline = [
-                meter_id
-                for meter_id in self._online
-                if now - self._last_seen[meter_id] > self._limit_for(meter_id)
-            ]
-            self._online.difference_update(offline)
-            return sorted(offline)
+            for meter_id, last_seen in self._last_seen.items():
+                silence = now - last_seen
+                if silence <= self._shortest_limit:
+                    break  # everyone after this one was heard from even more recently
+                if meter_id not in self._offline and silence > self._limit_for(meter_id):
+                    offline.append(meter_id)
+            self._offline.update(offline)
+        return sorted(offline)
 
     def __len__(self) -> int:
         """How many meters are tracked (online or recently offline)."""
@@ -65,4 +76,4 @@ class MeterAvailability:
     def online(self) -> list[str]:
         """The meters online now."""
         with self._lock:
-            return sorted(self._online)
+            return sorted(meter_id for meter_id in self._last_seen if meter_id not in self._offline)

@@ -19,9 +19,11 @@ See doc/data_mapping.md for the mapping table.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -175,28 +177,44 @@ def parse_packet(raw: bytes) -> Packet:
         raise Rejected(REJECT_NOT_JSON, f"not JSON: {text[:60]!r}") from None
     if not isinstance(document, dict):
         raise Rejected(REJECT_NOT_OBJECT, f"JSON {type(document).__name__}, not an object")
-    meter_id = document.get("id")
+    meter_id = document.pop("id", None)
     if not is_valid_meter_id(meter_id):
         raise Rejected(REJECT_BAD_METER_ID, f"id {str(meter_id)[:40]!r} is not 13 letters and digits")
-    meter_time = document.get("time")
-    if not isinstance(meter_time, str) or not METER_TIME_PATTERN.fullmatch(meter_time):
-        raise Rejected(REJECT_BAD_TIME, f"meter {meter_id}: time {str(meter_time)[:40]!r} is not YYYYMMDDhhmmss")
-    try:
-        datetime.strptime(meter_time, "%Y%m%d%H%M%S")
-    except ValueError:
-        raise Rejected(REJECT_BAD_TIME, f"meter {meter_id}: time {meter_time!r} is not a date") from None
-    isend = document.get("isend", "1")
+    meter_id = sys.intern(meter_id)  # one string per meter, however many structures key on it
+    meter_time = document.pop("time", None)
+    problem = _meter_time_problem(meter_time) if isinstance(meter_time, str) else "is not YYYYMMDDhhmmss"
+    if problem is not None:
+        raise Rejected(REJECT_BAD_TIME, f"meter {meter_id}: time {str(meter_time)[:40]!r} {problem}")
+    meter_time = sys.intern(meter_time)  # a fleet reports the same few times: remembered once
+    isend = document.pop("isend", "1")
     if isend not in ("0", "1"):
         raise Rejected(REJECT_BAD_ISEND, f"meter {meter_id}: isend {str(isend)[:20]!r} is not \"0\" or \"1\"")
-    values: dict[str, float] = {}
-    for tag, value in document.items():
-        if tag in ENVELOPE_KEYS:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not _is_finite(value):
-            raise Rejected(REJECT_BAD_VALUE, f"meter {meter_id}: {str(tag)[:30]!r} is {str(value)[:30]!r}, "
-                                             "not a finite number")
-        values[tag] = value
+    # What is left are the measured values. One C-level pass checks them all in the
+    # usual case; only a payload that fails it (or holds a boolean, which fsum would
+    # take for a number) is checked value by value, to name the culprit.
+    values: dict[str, float] = document
+    try:
+        all_finite = math.isfinite(math.fsum(values.values()))
+    except (TypeError, OverflowError):
+        all_finite = False
+    if not all_finite or b"true" in raw or b"false" in raw:
+        for tag, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not _is_finite(value):
+                raise Rejected(REJECT_BAD_VALUE, f"meter {meter_id}: {str(tag)[:30]!r} is {str(value)[:30]!r}, "
+                                                 "not a finite number")
     return Packet(meter_id=meter_id, time=meter_time, is_last=isend == "1", values=values)
+
+
+@functools.lru_cache(maxsize=4096)
+def _meter_time_problem(text: str) -> str | None:
+    """What is wrong with a meter time, if anything; cached, since a fleet reports the same few times."""
+    if not METER_TIME_PATTERN.fullmatch(text):
+        return "is not YYYYMMDDhhmmss"
+    try:
+        datetime.strptime(text, "%Y%m%d%H%M%S")
+    except ValueError:
+        return "is not a date"
+    return None
 
 
 def is_all_zero(values: dict[str, float]) -> bool:
@@ -257,37 +275,42 @@ class PacketAssembler:
 
 
 class _MeterRecord:
-    """The filters' memory of one meter: compact, since there may be 100,000 of them."""
+    """The filters' memory of one meter: compact, since there may be 100,000 of them.
 
-    __slots__ = ("energy", "recent_minutes", "recent_seconds")
+    The times are references to interned strings (a fleet shares them), so a
+    record costs its slots and the energy's float.
+    """
+
+    __slots__ = ("energy", "last_minutes", "last_seconds")
 
     def __init__(self) -> None:
-        self.recent_seconds: tuple[str, ...] = ()
-        self.recent_minutes: tuple[str, ...] = ()
+        self.last_seconds: str | None = None
+        self.last_minutes: str | None = None
         self.energy: float | None = None
 
 
 class MeterMemory:
     """What the filters remember per meter, bounded to ``max_meters`` (least recently seen go first).
 
-    For each meter and kind, the meter times of the last few forwarded readings
-    (repeats of them are duplicates), and the last energy forwarded (the
-    counter guard). The energy is what must survive a restart: see
+    For each meter and kind, the meter time of the last forwarded reading (a
+    repeat of it is a duplicate: meters repeat their latest reading), and the
+    last energy forwarded (the counter guard, which also stops an older
+    reading sent again). The energy is what must survive a restart: see
     ``energy_snapshot`` and ``restore_energy``.
     """
 
-    RECENT_TIMES = 4  # a meter repeats its latest reading, rarely an older one
-
     def __init__(self, max_meters: int = 200_000) -> None:
         self.max_meters = max_meters
-        self._meters: OrderedDict[str, _MeterRecord] = OrderedDict()
+        # A plain dict keeps insertion order at half an OrderedDict's size per entry;
+        # a meter is moved to the young end by taking it out and putting it back.
+        self._meters: dict[str, _MeterRecord] = {}
 
     def is_duplicate(self, meter_id: str, kind: str, meter_time: str) -> bool:
-        """Whether a reading with this meter time was already forwarded."""
+        """Whether the last reading forwarded for this meter and kind had this meter time."""
         record = self._meters.get(meter_id)
         if record is None:
             return False
-        return meter_time in (record.recent_seconds if kind == SECONDS else record.recent_minutes)
+        return meter_time == (record.last_seconds if kind == SECONDS else record.last_minutes)
 
     def last_energy(self, meter_id: str) -> float | None:
         """The last active energy forwarded for a meter, if any."""
@@ -298,9 +321,9 @@ class MeterMemory:
         """Record a forwarded reading."""
         record = self._touch(meter_id)
         if kind == SECONDS:
-            record.recent_seconds = (*record.recent_seconds[1 - self.RECENT_TIMES:], meter_time)
+            record.last_seconds = meter_time
         else:
-            record.recent_minutes = (*record.recent_minutes[1 - self.RECENT_TIMES:], meter_time)
+            record.last_minutes = meter_time
         if energy is not None:
             record.energy = energy
 
@@ -310,13 +333,12 @@ class MeterMemory:
 
     def _touch(self, meter_id: str) -> _MeterRecord:
         """The meter's record, moved to the most recently seen end; the oldest evicted beyond the bound."""
-        record = self._meters.get(meter_id)
+        record = self._meters.pop(meter_id, None)
         if record is None:
-            record = self._meters[meter_id] = _MeterRecord()
-            if len(self._meters) > self.max_meters:
-                self._meters.popitem(last=False)
-        else:
-            self._meters.move_to_end(meter_id)
+            record = _MeterRecord()
+            if len(self._meters) >= self.max_meters:
+                del self._meters[next(iter(self._meters))]
+        self._meters[meter_id] = record
         return record
 
     def energy_snapshot(self) -> dict[str, float]:

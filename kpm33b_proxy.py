@@ -110,6 +110,7 @@ class OutgoingQueue:
         self.condition = threading.Condition()
         self._messages: deque[Outgoing] = deque()
         self.outstanding = 0  # handed to paho, not yet acknowledged
+        self.in_hand = 0  # taken from the queue, being published right now
 
     def put(self, item: Outgoing) -> Outgoing | None:
         """Queue one message; the oldest one when it had to be dropped for it."""
@@ -153,7 +154,11 @@ class Proxy:
                                             per_phase=per_phase_by_meter(config.meters))
         meters = config.meters
         self.availability = MeterAvailability(
-            lambda meter_id: silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id))
+            lambda meter_id: silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id)),
+            shortest_limit=min(
+                silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id))
+                for meter_id in ("", *meters.devices)  # "" stands for every meter without overrides
+            ),
         )
         self.journal = EnergyJournal(state_dir)
         self.queue = OutgoingQueue(config.central_broker.max_queued_messages)
@@ -370,13 +375,28 @@ class Proxy:
         self._enqueue(Outgoing(topic, payload.encode() if isinstance(payload, str) else payload, retain))
 
     def _enqueue(self, item: Outgoing) -> None:
-        dropped = self.queue.put(item)
+        queue = self.queue
+        with queue.condition:
+            # Nothing queued or being handed over, and room in the window: publish
+            # from this thread at once, saving the hand-over to the publisher thread.
+            direct = (not len(queue) and not queue.in_hand and self._central_connected
+                      and queue.outstanding < PUBLISH_WINDOW and not self.stopping.is_set())
+            if direct:
+                queue.outstanding += 1
+                queue.in_hand += 1
+        if direct:
+            self._hand_over(item)
+            with queue.condition:
+                queue.in_hand -= 1
+                queue.condition.notify()
+            return
+        dropped = queue.put(item)
         if dropped is not None:
             self.counters.add("dropped.queue_full")
             if dropped.source_mid:
                 self.internal.ack(dropped.source_mid, 1)  # given up on: the broker may forget it
             self.rejections.warning("queue_full", "outgoing queue full (%d messages): dropped the oldest",
-                                    self.queue.capacity)
+                                    queue.capacity)
 
     def _publish_availability(self, meter_id: str, state: str) -> None:
         self.queue_publish(f"{self.main_topic}/{meter_id}/availability", state, retain=True)
@@ -392,21 +412,30 @@ class Proxy:
                     queue.condition.wait(1.0)
                 if self.stopping.is_set():
                     return
+                while queue.in_hand:  # a message being published directly goes first
+                    queue.condition.wait(0.01)
                 batch = queue.take(PUBLISH_WINDOW - queue.outstanding)
                 queue.outstanding += len(batch)
+                queue.in_hand += len(batch)
             # Published outside the condition: paho calls on_publish holding its own lock.
             # A QoS 1 message handed over while disconnected stays in paho's session
             # and is sent on reconnect, so every message handed over counts as outstanding.
             for item in batch:
-                info = self.central.publish(item.topic, item.payload, qos=1, retain=item.retain)
-                with self._handed_lock:
-                    delivered = info.mid in self._acked_early
-                    if delivered:
-                        self._acked_early.discard(info.mid)
-                    else:
-                        self._handed[info.mid] = item
-                if delivered:
-                    self._delivered(item)
+                self._hand_over(item)
+            with queue.condition:
+                queue.in_hand -= len(batch)
+
+    def _hand_over(self, item: Outgoing) -> None:
+        """Publish one message to the central broker and remember what it carries."""
+        info = self.central.publish(item.topic, item.payload, qos=1, retain=item.retain)
+        with self._handed_lock:
+            delivered = info.mid in self._acked_early
+            if delivered:
+                self._acked_early.discard(info.mid)
+            else:
+                self._handed[info.mid] = item
+        if delivered:
+            self._delivered(item)
 
     def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason_code: Any,
                             _properties: Any) -> None:

@@ -42,10 +42,10 @@ SYSLOG_PRIORITY = {
 }
 
 # paho's own reconnect backoff (seconds): quick first retry, doubling, capped so
-# that a broker coming back is found within a minute. Each client draws its own
+# that a broker coming back is found within half a minute. Each client draws its own
 # first delay (the jitter), so that many clients do not retry in lock-step.
 RECONNECT_MIN_DELAY = 1.0
-RECONNECT_MAX_DELAY = 60.0
+RECONNECT_MAX_DELAY = 30.0
 # After the broker refused our credentials, retrying fast cannot help.
 REFUSED_MIN_DELAY = 30.0
 REFUSED_MAX_DELAY = 300.0

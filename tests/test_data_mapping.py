@@ -769,13 +769,12 @@ def test_same_time_with_different_values_is_dropped_as_duplicate() -> None:
     assert outcomes == [energy_message(117.779), dropped(DROP_DUPLICATE)]
 
 
-def test_repeat_of_one_of_the_last_readings_is_dropped_as_duplicate() -> None:
+def test_older_energy_reading_sent_again_is_stopped_by_the_counter_guard() -> None:
     processor = MeterDataProcessor()
-    processor.process(SECONDS, raw(time=T1, zyggl=1.0), 0.0)
-    processor.process(SECONDS, raw(time=T2, zyggl=2.0), 1.0)
-    processor.process(SECONDS, raw(time=T3, zyggl=3.0), 2.0)
+    processor.process(MINUTES, energy_reading(1.0, T1), 0.0)
+    processor.process(MINUTES, energy_reading(2.0, T2), 1.0)
 
-    assert processor.process(SECONDS, raw(time=T1, zyggl=1.0), 3.0) == dropped(DROP_DUPLICATE)
+    assert processor.process(MINUTES, energy_reading(1.0, T1), 2.0) == dropped(DROP_ENERGY_DECREASE)
 
 
 def test_same_time_of_seconds_and_minutes_data_is_not_a_duplicate() -> None:
@@ -962,14 +961,15 @@ def test_memory_remembers_forwarded_times_and_energy() -> None:
     assert len(memory) == 1
 
 
-def test_memory_keeps_the_last_four_times_per_meter_and_kind() -> None:
+def test_memory_keeps_the_last_time_per_meter_and_kind() -> None:
     memory = MeterMemory()
-    times = [f"2026011217{minute:02d}00" for minute in range(6)]
+    times = [f"2026011217{minute:02d}00" for minute in range(3)]
 
     for meter_time in times:
         memory.remember(METER, SECONDS, meter_time, None)
 
-    assert [memory.is_duplicate(METER, SECONDS, t) for t in times] == [False, False, True, True, True, True]
+    assert [memory.is_duplicate(METER, SECONDS, t) for t in times] == [False, False, True]
+    assert not memory.is_duplicate(METER, MINUTES, times[-1])
     assert memory.energy_snapshot() == {}
 
 
