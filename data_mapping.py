@@ -305,12 +305,19 @@ class MeterMemory:
         # a meter is moved to the young end by taking it out and putting it back.
         self._meters: dict[str, _MeterRecord] = {}
 
-    def is_duplicate(self, meter_id: str, kind: str, meter_time: str) -> bool:
-        """Whether the last reading forwarded for this meter and kind had this meter time."""
+    def is_duplicate(self, meter_id: str, kind: str, meter_time: str, redelivered: bool = False) -> bool:
+        """Whether a reading with this meter time counts as already forwarded.
+
+        A repeat of the last forwarded time is a duplicate. A reading the broker
+        sends again (MQTT's DUP flag: a redelivery after a reconnect) is also one
+        when it is not newer than the last forwarded reading: it was seen on the
+        earlier connection. Meter times compare as text (fixed-width digits).
+        """
         record = self._meters.get(meter_id)
         if record is None:
             return False
-        return meter_time == (record.last_seconds if kind == SECONDS else record.last_minutes)
+        last = record.last_seconds if kind == SECONDS else record.last_minutes
+        return last is not None and (meter_time == last or (redelivered and meter_time < last))
 
     def last_energy(self, meter_id: str) -> float | None:
         """The last active energy forwarded for a meter, if any."""
@@ -369,8 +376,11 @@ class MeterDataProcessor:
         self.assembler = assembler if assembler is not None else PacketAssembler()
         self.drops: Counter[str] = Counter()
 
-    def process(self, kind: str, raw: bytes, now: float) -> Outcome:
-        """Map one raw payload of ``kind`` (SECONDS or MINUTES) received at ``now``."""
+    def process(self, kind: str, raw: bytes, now: float, redelivered: bool = False) -> Outcome:
+        """Map one raw payload of ``kind`` (SECONDS or MINUTES) received at ``now``.
+
+        ``redelivered``: the broker sent it again (MQTT's DUP flag), see ``MeterMemory.is_duplicate``.
+        """
         try:
             packet = parse_packet(raw)
         except Rejected as rejected:
@@ -385,7 +395,7 @@ class MeterDataProcessor:
             self.drops[reason] += 1
         if values is None:
             return Outcome(meter_id=meter_id)
-        reason = self._filter(kind, meter_id, packet.time, values)
+        reason = self._filter(kind, meter_id, packet.time, values, redelivered)
         if reason is not None:
             self.drops[reason] += 1
             return Outcome(meter_id=meter_id, reason=reason)
@@ -394,10 +404,11 @@ class MeterDataProcessor:
         self.memory.remember(meter_id, kind, packet.time, energy if isinstance(energy, float | int) else None)
         return Outcome(message=CleanMessage(meter_id, kind, packet.time, payload), meter_id=meter_id)
 
-    def _filter(self, kind: str, meter_id: str, meter_time: str, values: dict[str, float]) -> str | None:
+    def _filter(self, kind: str, meter_id: str, meter_time: str, values: dict[str, float],
+                redelivered: bool) -> str | None:
         if is_all_zero(values):
             return DROP_ALL_ZERO
-        if self.memory.is_duplicate(meter_id, kind, meter_time):
+        if self.memory.is_duplicate(meter_id, kind, meter_time, redelivered):
             return DROP_DUPLICATE
         if kind == MINUTES:
             energy = values.get(VALUE_TAGS[MINUTES][0])

@@ -961,6 +961,16 @@ def test_memory_remembers_forwarded_times_and_energy() -> None:
     assert len(memory) == 1
 
 
+def test_redelivered_reading_not_newer_than_the_last_forwarded_is_a_duplicate() -> None:
+    processor = MeterDataProcessor()
+    processor.process(SECONDS, raw(time=T1, zyggl=1.0), 0.0)
+    processor.process(SECONDS, raw(time=T2, zyggl=2.0), 1.0)
+
+    assert processor.process(SECONDS, raw(time=T1, zyggl=1.0), 2.0, redelivered=True) == dropped(DROP_DUPLICATE)
+    assert processor.process(SECONDS, raw(time=T1, zyggl=1.0), 3.0) == power_message(1.0, T1)
+    assert processor.process(SECONDS, raw(time=T3, zyggl=3.0), 4.0, redelivered=True) == power_message(3.0, T3)
+
+
 def test_memory_keeps_the_last_time_per_meter_and_kind() -> None:
     memory = MeterMemory()
     times = [f"2026011217{minute:02d}00" for minute in range(3)]
