@@ -180,7 +180,6 @@ class Proxy:
         self._handed: dict[int, Outgoing] = {}  # central message id → what it carries
         self._acked_early: set[int] = set()  # PUBACKs that came before publish() returned
         self._handed_lock = threading.Lock()
-        self._acks_due: deque[int] = deque()  # delivered readings whose raw message is still to acknowledge
         self.central = make_client(
             config.central_broker,
             f"kpm33b-proxy-{socket.gethostname()}",
@@ -222,9 +221,8 @@ class Proxy:
             self.tick(time.monotonic())
 
     def tick(self, now: float) -> None:
-        """Periodic work: readiness, acknowledgements, meters gone silent, journal, heartbeat."""
+        """Periodic work: readiness, meters gone silent, journal, heartbeat."""
         self.heartbeat = now
-        self._send_due_acks()
         if not self._ready_sent and self._bridge_online:
             self._ready_sent = True  # systemd: started means forwarding
             self.notifier.ready("forwarding")
@@ -281,7 +279,6 @@ class Proxy:
         self._closing = True
         self.notifier.stopping()
         self._drain(SHUTDOWN_DRAIN_SECONDS)
-        self._send_due_acks()  # queued ahead of the DISCONNECT, so they reach the broker
         self.internal.disconnect()
         self.internal.loop_stop()
         self._internal_subscribed = False
@@ -343,7 +340,6 @@ class Proxy:
 
     def _on_internal_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         """Map one raw packet: pure work only, then hand the result to the queue."""
-        self._send_due_acks()
         kind = self.kinds.get(message.topic)
         if kind is None:
             client.ack(message.mid, message.qos)
@@ -462,22 +458,7 @@ class Proxy:
             with self._state_lock:
                 self.journal.record(*item.energy)
         if item.source_mid:
-            self._acks_due.append(item.source_mid)
-
-    def _send_due_acks(self) -> None:
-        """Acknowledge delivered readings to the internal broker.
-
-        Called by the internal network thread before each message it reads (and
-        by the timer when traffic stops): sending from that thread spares a
-        wake-up of it for every single acknowledgement.
-        """
-        acks = self._acks_due
-        while acks:
-            try:
-                mid = acks.popleft()
-            except IndexError:  # taken by the other caller meanwhile
-                return
-            self.internal.ack(mid, 1)
+            self.internal.ack(item.source_mid, 1)
 
     def _on_central_connect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                             _properties: Any) -> None:
