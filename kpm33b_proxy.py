@@ -5,13 +5,17 @@ Thin wiring around the pure ``data_mapping`` module:
 - the internal client (fixed client id, persistent MQTT 5 session, a large
   receive window) subscribes to the meters' data topics at QoS 1;
 - ``on_message`` maps each packet (microseconds of pure work, no waiting) and
-  appends the clean message to a bounded outgoing queue;
+  publishes the clean message at once when nothing is queued ahead of it, or
+  appends it to a bounded outgoing queue;
 - one publisher thread hands the queue to the central client, never more
   than ``PUBLISH_WINDOW`` unacknowledged messages at a time (paho loses
   messages silently beyond 65,535 outstanding ones), so a central outage is
   absorbed by our own bounded queue and drained in order when it returns;
-- the main thread runs the timers: meters going offline, journal compaction,
-  and the systemd watchdog's heartbeat.
+- a raw reading is acknowledged to the internal broker only once the central
+  broker has its clean message, so readings a killed proxy had in hand come
+  again from its persistent session;
+- the main thread runs the timers: meters going offline, the energy journal,
+  stats, and the systemd watchdog's heartbeat.
 
 ``<main>/bridge/state`` is ``online`` only while the proxy is subscribed on
 the internal broker and connected to the central one, and ``offline`` (the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +42,15 @@ def kill_leftover_daemons() -> Iterator[None]:
         daemon = DaemonProcess.started.pop()
         if daemon.alive():
             daemon.kill()
+
+
+@pytest.fixture
+def cleanup() -> Iterator[Callable[[Callable[[], object]], None]]:
+    """Register a clean-up step; they run in reverse order, even when the test fails."""
+    steps: list[Callable[[], object]] = []
+    yield steps.append
+    for step in reversed(steps):
+        try:
+            step()
+        except Exception as error:  # the other steps must still run
+            print(f"clean-up step failed: {error!r}")

@@ -261,18 +261,6 @@ def proxy_document(internal_port: int, central_port: int, **sections: Any) -> di
 
 
 @pytest.fixture
-def cleanup() -> Iterator[Callable[[Callable[[], object]], None]]:
-    """Register a clean-up step; they run in reverse order, even when the test fails."""
-    steps: list[Callable[[], object]] = []
-    yield steps.append
-    for step in reversed(steps):
-        try:
-            step()
-        except Exception as error:  # the other steps must still run
-            print(f"clean-up step failed: {error!r}")
-
-
-@pytest.fixture
 def start_proxy(cleanup: Callable[[Callable[[], object]], None]) -> Callable[..., DaemonProcess]:
     """Start the proxy from a config written into ``directory``; killed at the end of the test if still running."""
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +40,6 @@ PLAINTEXT_ON_TLS = "wrong version number"  # what Mosquitto logs when plain MQTT
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
     return make_certificates(tmp_path_factory.mktemp("certificates"))
-
-
-@pytest.fixture
-def cleanup() -> Iterator[Callable[[Callable[[], object]], None]]:
-    """Register a clean-up step; they run in reverse order, even when the test fails."""
-    steps: list[Callable[[], object]] = []
-    yield steps.append
-    for step in reversed(steps):
-        try:
-            step()
-        except Exception as error:  # the other steps must still run
-            print(f"clean-up step failed: {error!r}")
 
 
 def tls_broker(cleanup: Callable[[Callable[[], object]], None], certificates: TestCertificates,
