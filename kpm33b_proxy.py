@@ -24,6 +24,8 @@ last will) otherwise.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,6 +70,25 @@ PUBLISH_WINDOW = 1_000  # unacknowledged publishes handed to paho at once
 SHUTDOWN_DRAIN_SECONDS = 5.0
 TICK_SECONDS = 0.5
 EXIT_STATE_LOCKED = 3
+TRIM_INTERVAL_SECONDS = 60.0
+TRIM_AFTER_NEW_METERS = 1_000
+
+
+def _heap_trimmer() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, where there is one.
+
+    The freed memory of a burst (thousands of new meters, each announced to
+    Home Assistant) otherwise stays with the process: the resident size would
+    keep the burst's peak for good. ctypes releases the GIL during the call.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = _heap_trimmer()
 
 
 def state_directory(config_path: Path, environ: Mapping[str, str]) -> Path:
@@ -194,6 +215,8 @@ class Proxy:
         self.central_reporter = ConnectionReporter(self.central, "central", config.central_broker, log)
         self.stats_topic = f"{self.main_topic}/bridge/stats"
         self._next_stats = self.started_at + config.health.stats_interval_seconds
+        self._next_trim = self.started_at + TRIM_INTERVAL_SECONDS
+        self._meters_at_trim = 0
         self.internal.on_connect = self._on_internal_connect
         self.internal.on_disconnect = self._on_internal_disconnect
         self.internal.on_subscribe = self._on_internal_subscribe
@@ -244,6 +267,18 @@ class Proxy:
         if now >= self._next_stats:
             self._next_stats = now + self.config.health.stats_interval_seconds
             self.publish_stats(now)
+        self._trim_heap(now)
+
+    def _trim_heap(self, now: float) -> None:
+        """Give freed memory back once a burst of new meters has been delivered, and every minute."""
+        meters = len(self.availability)
+        burst_over = (meters - self._meters_at_trim >= TRIM_AFTER_NEW_METERS
+                      and not len(self.queue) and not self.queue.outstanding)
+        if MALLOC_TRIM is None or not (burst_over or now >= self._next_trim):
+            return
+        self._next_trim = now + TRIM_INTERVAL_SECONDS
+        self._meters_at_trim = meters
+        MALLOC_TRIM(0)
 
     def stats(self, now: float) -> dict[str, object]:
         """The counters as published on ``<main>/bridge/stats``."""
