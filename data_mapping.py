@@ -50,7 +50,6 @@ PER_PHASE_GROUPS = tuple(PER_PHASE_FIELDS)
 METER_ID_PATTERN = re.compile(r"[0-9A-Za-z]{13}")
 METER_TIME_PATTERN = re.compile(r"[0-9]{14}")
 MAX_PAYLOAD_BYTES = 16 * 1024  # meters send well under 1 KB; JSON parsing is the costly step
-ENVELOPE_KEYS = frozenset(("id", "time", "isend"))
 
 # Drop and rejection reasons, as counted and reported.
 REJECT_OVERSIZED = "oversized"

@@ -43,7 +43,7 @@ import paho.mqtt.client as mqtt
 import config_loader
 from availability import MeterAvailability, silence_limit
 from config_loader import Config
-from data_mapping import MINUTES, SECONDS, MeterDataProcessor, MeterMemory, clean_topic, encode_payload
+from data_mapping import DROP_EXCLUDED, MINUTES, SECONDS, MeterDataProcessor, MeterMemory, clean_topic, encode_payload
 from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter
 from mqtt_common import (
     ConnectionReporter,
@@ -386,7 +386,7 @@ class Proxy:
         now = time.monotonic()
         self.counters.add("received")
         outcome = self.processor.process(kind, message.payload, now, redelivered=bool(message.dup))
-        if outcome.meter_id is not None and outcome.reason != "excluded" \
+        if outcome.meter_id is not None and outcome.reason != DROP_EXCLUDED \
                 and self.availability.seen(outcome.meter_id, now):
             log.info("meter %s is online", outcome.meter_id)
             self._publish_availability(outcome.meter_id, "online")
