@@ -96,6 +96,15 @@ class DeviceSettings:
     # Per-phase groups (PER_PHASE_GROUPS) added to this meter's seconds payload
     # and Home Assistant entities, in canonical order.
     per_phase: tuple[str, ...] = ()
+    max_power_kw: float | None = None
+
+
+# A rise of the energy counter faster than this power is taken for a glitch
+# until the next reading confirms it (data_mapping's energy guard). Ten times
+# what a directly connected 3 × 80 A meter can measure, and more than most
+# current-transformer installations: generous, yet a value such as 1e9 kWh is
+# never plausible. Set it per meter for larger installations.
+DEFAULT_MAX_POWER_KW = 500.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class MeterSettings:
     max_clock_drift_seconds: int = 300
     clock_sync: bool = True
     exclude: frozenset[str] = frozenset()
+    max_power_kw: float = DEFAULT_MAX_POWER_KW
     devices: Mapping[str, DeviceSettings] = field(default_factory=lambda: MappingProxyType({}))
 
     def seconds_interval(self, meter_id: str) -> int:
@@ -123,6 +133,13 @@ class MeterSettings:
         if device is not None and device.upload_frequency_minutes is not None:
             return device.upload_frequency_minutes
         return self.upload_frequency_minutes
+
+    def max_power(self, meter_id: str) -> float:
+        """The fastest (kW) a meter's energy counter may plausibly rise: its override, else the default."""
+        device = self.devices.get(meter_id)
+        if device is not None and device.max_power_kw is not None:
+            return device.max_power_kw
+        return self.max_power_kw
 
     def device_name(self, meter_id: str) -> str:
         """The friendly name of a meter, ``KPM33B <id>`` unless configured."""
@@ -417,6 +434,7 @@ def _read_meters(section: _Section) -> MeterSettings:
     defaults = MeterSettings()
     seconds = _one_of(ALLOWED_SECONDS_INTERVALS)
     minutes = _one_of(ALLOWED_MINUTES_INTERVALS)
+    max_power = _number(0, 1_000_000)
 
     def meter_id_list(value: Any) -> frozenset[str]:
         if value is None:
@@ -437,6 +455,7 @@ def _read_meters(section: _Section) -> MeterSettings:
                                                defaults.max_clock_drift_seconds),
         "clock_sync": section.get("clock_sync", _boolean, defaults.clock_sync),
         "exclude": section.get("exclude", meter_id_list, frozenset()),
+        "max_power_kw": section.get("max_power_kw", max_power, defaults.max_power_kw),
     }
     devices_section = section.section("devices")
     devices: dict[str, DeviceSettings] = {}
@@ -456,6 +475,7 @@ def _read_meters(section: _Section) -> MeterSettings:
             upload_frequency_seconds=device.get("upload_frequency_seconds", seconds, None),
             upload_frequency_minutes=device.get("upload_frequency_minutes", minutes, None),
             per_phase=device.get("per_phase", _per_phase, ()),
+            max_power_kw=device.get("max_power_kw", max_power, None),
         )
         device.finish()
     section.finish()

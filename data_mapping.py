@@ -10,22 +10,28 @@ here, where it can be tested exhaustively:
   oversized payloads) is rejected with a reason;
 - payloads split over several packets (``isend`` ``"0"`` … ``"1"``, KPM37 and
   others) are reassembled, with pending parts bounded in number and age;
-- spurious all-zero readings, exact repeats and energy counters going
-  backwards (what real meters send, see tests/fixtures) are dropped, so that a
-  consumer such as Home Assistant's Energy dashboard never books a reset.
+- spurious all-zero readings and exact repeats (what real meters send, see
+  tests/fixtures) are dropped;
+- the energy guard keeps the forwarded energy counter true: a value lower
+  than the last one forwarded, or higher than the meter could have reached at
+  its ``max_power_kw``, is held back until the meter's next readings show
+  whether it was a glitch (dropped) or real (a counter reset, or a real jump:
+  forwarded in order), so that a consumer such as Home Assistant's Energy
+  dashboard never books a phantom reset or phantom consumption.
 
 See doc/data_mapping.md for the mapping table.
 """
 
 from __future__ import annotations
 
+import calendar
 import functools
 import json
 import math
 import re
 import sys
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -46,6 +52,7 @@ PER_PHASE_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
                      ("zglys", "power_factor")),
 }
 PER_PHASE_GROUPS = tuple(PER_PHASE_FIELDS)
+BASE_TAGS = frozenset(tag for tag, _name in VALUE_TAGS.values())
 
 METER_ID_PATTERN = re.compile(r"[0-9A-Za-z]{13}")
 METER_TIME_PATTERN = re.compile(r"[0-9]{14}")
@@ -63,11 +70,16 @@ REJECT_BAD_VALUE = "bad_value"
 DROP_EXCLUDED = "excluded"
 DROP_DUPLICATE = "duplicate"
 DROP_ALL_ZERO = "all_zero"
-DROP_ENERGY_DECREASE = "energy_decrease"
+DROP_ENERGY_DECREASE = "energy_decrease"  # lower than the last energy forwarded, and not a counter reset
+DROP_IMPLAUSIBLE_RISE = "implausible_rise"  # a rise faster than max_power_kw that the next reading did not confirm
 DROP_PART_EXPIRED = "part_expired"
 DROP_PART_OVERFLOW = "part_overflow"
 REJECTIONS = (REJECT_OVERSIZED, REJECT_NOT_UTF8, REJECT_NOT_JSON, REJECT_NOT_OBJECT, REJECT_BAD_METER_ID,
               REJECT_BAD_TIME, REJECT_BAD_ISEND, REJECT_BAD_VALUE)
+# A lower energy is a counter reset once this many readings of the new count
+# (the first lower one included) rose plausibly one after the other.
+RESET_READINGS = 3
+DEFAULT_MAX_POWER_KW = 500.0  # see config_loader.DEFAULT_MAX_POWER_KW
 
 
 class Rejected(Exception):
@@ -100,13 +112,54 @@ class CleanMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Settled:
+    """A reading the energy guard held back, now decided: forward ``message``, or it was dropped for ``reason``.
+
+    ``token`` is what the caller handed in with the held packet (the proxy's
+    internal message id, acknowledged only now).
+    """
+
+    token: object
+    message: CleanMessage | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardEvent:
+    """Something the energy guard decided that an operator should hear of.
+
+    ``kind`` is ``EVENT_RESET`` (a counter reset accepted: ``old`` → ``new``)
+    or ``EVENT_IMPLAUSIBLE`` (a rise from ``old`` to ``new`` dropped).
+    """
+
+    kind: str
+    meter_id: str
+    old: float
+    new: float
+
+
+EVENT_RESET = "reset"
+EVENT_IMPLAUSIBLE = "implausible"
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of one raw packet: a message, a drop reason, or neither (a held part)."""
+    """What became of one raw packet.
+
+    ``message`` to publish now, or a drop ``reason``, or neither: a held part
+    of a split reading, or (``held``) an energy reading the guard holds back
+    until the meter's next readings decide it. ``settled`` are earlier held
+    readings that this packet decided, oldest first: they go before
+    ``message``.
+    """
 
     message: CleanMessage | None = None
     meter_id: str | None = None  # known once the packet was valid enough to name its meter
     reason: str | None = None
     detail: str = ""
+    held: bool = False
+    settled: tuple[Settled, ...] = ()
+    events: tuple[GuardEvent, ...] = ()
 
 
 # --- pure helpers -------------------------------------------------------------
@@ -162,8 +215,18 @@ def _is_finite(value: float) -> bool:
         return False
 
 
-def parse_packet(raw: bytes) -> Packet:
-    """Validate one raw payload into a Packet, or raise Rejected with the reason."""
+def _every_mapped_tag(_meter_id: str) -> Container[str]:
+    return ALL_MAPPED_TAGS
+
+
+def parse_packet(raw: bytes, mapped_tags: Callable[[str], Container[str]] = _every_mapped_tag) -> Packet:
+    """Validate one raw payload into a Packet, or raise Rejected with the reason.
+
+    The tags the mapping uses for this meter (``mapped_tags(meter_id)``) must
+    be finite numbers; any other tag that is not one (a firmware version
+    string, say, as other models of the family send) is left out of the
+    values, so it cannot spoil the reading nor be taken for a measurement.
+    """
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise Rejected(REJECT_OVERSIZED, f"{len(raw)} bytes, more than {MAX_PAYLOAD_BYTES}")
     try:
@@ -197,11 +260,39 @@ def parse_packet(raw: bytes) -> Packet:
     except (TypeError, OverflowError):
         all_finite = False
     if not all_finite or b"true" in raw or b"false" in raw:
-        for tag, value in values.items():
+        mapped = mapped_tags(meter_id)
+        for tag, value in list(values.items()):
             if isinstance(value, bool) or not isinstance(value, int | float) or not _is_finite(value):
+                if tag not in mapped:
+                    del values[tag]  # not a measurement the mapping uses: ignored
+                    continue
                 raise Rejected(REJECT_BAD_VALUE, f"meter {meter_id}: {str(tag)[:30]!r} is {str(value)[:30]!r}, "
                                                  "not a finite number")
     return Packet(meter_id=meter_id, time=meter_time, is_last=isend == "1", values=values)
+
+
+@functools.lru_cache(maxsize=4096)
+def meter_seconds(meter_time: str) -> int:
+    """A valid meter time as seconds on its own clock (treated as UTC: only differences matter)."""
+    return calendar.timegm(datetime.strptime(meter_time, "%Y%m%d%H%M%S").timetuple())
+
+
+def plausible_rise(old: float, old_time: str | None, new: float, new_time: str, max_power_kw: float) -> bool:
+    """Whether an energy counter can have gone from ``old`` to ``new`` (kWh) between two meter times.
+
+    Never downwards; upwards by at most ``max_power_kw`` times the hours
+    between the two readings on the meter's clock (no rise at all when the
+    clock did not advance). With the earlier time unknown (a floor from an
+    old state file) any rise is taken as plausible.
+    """
+    rise = new - old
+    if rise < 0:
+        return False
+    if rise == 0 or old_time is None:
+        return True
+    hours = (meter_seconds(new_time) - meter_seconds(old_time)) / 3600
+    # The slack absorbs the decimal rounding of the meter's three decimals.
+    return rise <= max_power_kw * max(hours, 0.0) + 1e-9 * max(abs(new), 1.0)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -214,6 +305,15 @@ def _meter_time_problem(text: str) -> str | None:
     except ValueError:
         return "is not a date"
     return None
+
+
+ALL_MAPPED_TAGS = BASE_TAGS | frozenset(tag for fields in PER_PHASE_FIELDS.values() for tag, _ in fields)
+
+
+@functools.lru_cache(maxsize=64)
+def mapped_tags_for(per_phase: tuple[str, ...]) -> frozenset[str]:
+    """The tags the mapping reads for a meter with these per-phase groups."""
+    return BASE_TAGS | frozenset(tag for group in per_phase for tag, _name in PER_PHASE_FIELDS[group])
 
 
 def is_all_zero(values: dict[str, float]) -> bool:
@@ -273,6 +373,26 @@ class PacketAssembler:
         return drops
 
 
+class _Held:
+    """Energy readings of one meter the guard holds back, oldest first, and why.
+
+    ``rise``: one reading above what the meter could have reached, waiting
+    for the next to confirm it. Otherwise a run of readings below the last
+    energy forwarded, each rising plausibly from the one before: a counter
+    reset once it is ``RESET_READINGS`` long.
+    """
+
+    __slots__ = ("readings", "rise")
+
+    def __init__(self, rise: bool, reading: tuple[str, float, CleanMessage, object]) -> None:
+        self.rise = rise
+        self.readings = [reading]  # (meter time, energy, clean message, caller's token)
+
+    @property
+    def last(self) -> tuple[str, float, CleanMessage, object]:
+        return self.readings[-1]
+
+
 class _MeterRecord:
     """The filters' memory of one meter: compact, since there may be 100,000 of them.
 
@@ -280,22 +400,24 @@ class _MeterRecord:
     record costs its slots and the energy's float.
     """
 
-    __slots__ = ("energy", "last_minutes", "last_seconds")
+    __slots__ = ("energy", "energy_time", "held", "last_minutes", "last_seconds")
 
     def __init__(self) -> None:
         self.last_seconds: str | None = None
         self.last_minutes: str | None = None
         self.energy: float | None = None
+        self.energy_time: str | None = None  # the meter time of the reading that carried ``energy``
+        self.held: _Held | None = None
 
 
 class MeterMemory:
     """What the filters remember per meter, bounded to ``max_meters`` (least recently seen go first).
 
     For each meter and kind, the meter time of the last forwarded reading (a
-    repeat of it is a duplicate: meters repeat their latest reading), and the
-    last energy forwarded (the counter guard, which also stops an older
-    reading sent again). The energy is what must survive a restart: see
-    ``energy_snapshot`` and ``restore_energy``.
+    repeat of it is a duplicate: meters repeat their latest reading); the
+    last energy forwarded and its meter time (the energy guard's floor); and
+    the energy readings the guard holds back. The floor is what must survive
+    a restart: see ``restore_energy``.
     """
 
     def __init__(self, max_meters: int = 200_000) -> None:
@@ -305,18 +427,21 @@ class MeterMemory:
         self._meters: dict[str, _MeterRecord] = {}
 
     def is_duplicate(self, meter_id: str, kind: str, meter_time: str, redelivered: bool = False) -> bool:
-        """Whether a reading with this meter time counts as already forwarded.
+        """Whether a reading with this meter time counts as already forwarded (or already held).
 
-        A repeat of the last forwarded time is a duplicate. A reading the broker
-        sends again (MQTT's DUP flag: a redelivery after a reconnect) is also one
-        when it is not newer than the last forwarded reading: it was seen on the
+        A repeat of the last forwarded time is a duplicate, and so is a repeat
+        of the last energy reading held back. A reading the broker sends again
+        (MQTT's DUP flag: a redelivery after a reconnect) is also one when it
+        is not newer than the last forwarded reading: it was seen on the
         earlier connection. Meter times compare as text (fixed-width digits).
         """
         record = self._meters.get(meter_id)
         if record is None:
             return False
         last = record.last_seconds if kind == SECONDS else record.last_minutes
-        return last is not None and (meter_time == last or (redelivered and meter_time < last))
+        if last is not None and (meter_time == last or (redelivered and meter_time < last)):
+            return True
+        return kind == MINUTES and record.held is not None and record.held.last[0] == meter_time
 
     def last_energy(self, meter_id: str) -> float | None:
         """The last active energy forwarded for a meter, if any."""
@@ -332,10 +457,17 @@ class MeterMemory:
             record.last_minutes = meter_time
         if energy is not None:
             record.energy = energy
+            record.energy_time = meter_time
 
-    def restore_energy(self, meter_id: str, energy: float) -> None:
-        """Set the last forwarded energy of a meter (from the state file at start-up)."""
-        self._touch(meter_id).energy = energy
+    def restore_energy(self, meter_id: str, energy: float, meter_time: str | None = None) -> None:
+        """Set the energy guard's floor of a meter (from the state file at start-up)."""
+        record = self._touch(meter_id)
+        record.energy = energy
+        record.energy_time = meter_time
+
+    def record(self, meter_id: str) -> _MeterRecord:
+        """The meter's record, created when new (for the processor)."""
+        return self._touch(meter_id)
 
     def _touch(self, meter_id: str) -> _MeterRecord:
         """The meter's record, moved to the most recently seen end; the oldest evicted beyond the bound."""
@@ -348,10 +480,15 @@ class MeterMemory:
         return record
 
     def energy_snapshot(self) -> dict[str, float]:
-        """The last forwarded energy per meter, to persist."""
+        """The last forwarded energy per meter."""
         # list() copies in one step under the GIL: the proxy's network thread may be adding meters.
         records = list(self._meters.items())
         return {meter_id: r.energy for meter_id, r in records if r.energy is not None}
+
+    def held_count(self) -> int:
+        """How many energy readings the guard holds back, all meters together."""
+        records = list(self._meters.values())
+        return sum(len(r.held.readings) for r in records if r.held is not None)
 
     def __len__(self) -> int:
         return len(self._meters)
@@ -363,25 +500,36 @@ class MeterDataProcessor:
     One instance per proxy; not thread-safe (the proxy calls it from one
     thread). ``excluded`` meters are dropped before anything is remembered.
     ``per_phase`` maps a meter id to the per-phase groups its SECONDS
-    payload carries (see ``clean_payload``).
+    payload carries (see ``clean_payload``). ``max_power_kw`` is the energy
+    guard's limit, ``max_power_by_meter`` its per-meter overrides.
     """
 
     def __init__(self, excluded: Iterable[str] = (), memory: MeterMemory | None = None,
                  assembler: PacketAssembler | None = None,
-                 per_phase: Mapping[str, tuple[str, ...]] | None = None) -> None:
+                 per_phase: Mapping[str, tuple[str, ...]] | None = None,
+                 max_power_kw: float = DEFAULT_MAX_POWER_KW,
+                 max_power_by_meter: Mapping[str, float] | None = None) -> None:
         self.excluded = frozenset(excluded)
         self.per_phase = dict(per_phase or {})
+        self.max_power_kw = max_power_kw
+        self.max_power_by_meter = dict(max_power_by_meter or {})
         self.memory = memory if memory is not None else MeterMemory()
         self.assembler = assembler if assembler is not None else PacketAssembler()
         self.drops: Counter[str] = Counter()
 
-    def process(self, kind: str, raw: bytes, now: float, redelivered: bool = False) -> Outcome:
+    def _mapped_tags(self, meter_id: str) -> Container[str]:
+        return mapped_tags_for(self.per_phase.get(meter_id, ()))
+
+    def process(self, kind: str, raw: bytes, now: float, redelivered: bool = False,
+                token: object = None) -> Outcome:
         """Map one raw payload of ``kind`` (SECONDS or MINUTES) received at ``now``.
 
-        ``redelivered``: the broker sent it again (MQTT's DUP flag), see ``MeterMemory.is_duplicate``.
+        ``redelivered``: the broker sent it again (MQTT's DUP flag), see
+        ``MeterMemory.is_duplicate``. ``token`` comes back in ``Settled``
+        when the energy guard holds this reading and decides it later.
         """
         try:
-            packet = parse_packet(raw)
+            packet = parse_packet(raw, self._mapped_tags)
         except Rejected as rejected:
             self.drops[rejected.reason] += 1
             return Outcome(reason=rejected.reason, detail=rejected.detail)
@@ -394,14 +542,21 @@ class MeterDataProcessor:
             self.drops[reason] += 1
         if values is None:
             return Outcome(meter_id=meter_id)
+        energy = values.get(VALUE_TAGS[MINUTES][0]) if kind == MINUTES else None
+        if energy is not None and energy < 0:
+            self.drops[REJECT_BAD_VALUE] += 1
+            return Outcome(meter_id=meter_id, reason=REJECT_BAD_VALUE,
+                           detail=f"meter {meter_id}: energy {energy!r} is negative")
         reason = self._filter(kind, meter_id, packet.time, values, redelivered)
         if reason is not None:
             self.drops[reason] += 1
             return Outcome(meter_id=meter_id, reason=reason)
         payload = clean_payload(kind, meter_id, packet.time, values, self.per_phase.get(meter_id, ()))
-        energy = payload.get("active_energy") if kind == MINUTES else None
-        self.memory.remember(meter_id, kind, packet.time, energy if isinstance(energy, float | int) else None)
-        return Outcome(message=CleanMessage(meter_id, kind, packet.time, payload), meter_id=meter_id)
+        message = CleanMessage(meter_id, kind, packet.time, payload)
+        if energy is None:
+            self.memory.remember(meter_id, kind, packet.time, None)
+            return Outcome(message=message, meter_id=meter_id)
+        return self._guard(meter_id, packet.time, float(energy), message, token)
 
     def _filter(self, kind: str, meter_id: str, meter_time: str, values: dict[str, float],
                 redelivered: bool) -> str | None:
@@ -409,9 +564,86 @@ class MeterDataProcessor:
             return DROP_ALL_ZERO
         if self.memory.is_duplicate(meter_id, kind, meter_time, redelivered):
             return DROP_DUPLICATE
-        if kind == MINUTES:
-            energy = values.get(VALUE_TAGS[MINUTES][0])
-            last = self.memory.last_energy(meter_id)
-            if energy is not None and last is not None and energy < last:
-                return DROP_ENERGY_DECREASE
         return None
+
+    # --- the energy guard ---------------------------------------------------------
+
+    def _guard(self, meter_id: str, meter_time: str, energy: float, message: CleanMessage,
+               token: object) -> Outcome:
+        """Forward, hold or drop one energy reading; decide the readings held before it.
+
+        The rules (doc/data_mapping.md): a reading that continues the floor
+        (the last energy forwarded) plausibly is forwarded. One that rises
+        faster than ``max_power_kw`` is held until the next reading: forwarded
+        with it when that one continues from it plausibly, dropped otherwise.
+        One below the floor, newer than it, is held as the possible start of a
+        new count: when ``RESET_READINGS`` readings in a row rise plausibly
+        from it, the reset is accepted and all of them forwarded in order; a
+        reading that continues the old count instead drops them.
+        """
+        record = self.memory.record(meter_id)
+        max_power = self.max_power_by_meter.get(meter_id, self.max_power_kw)
+        reading = (meter_time, energy, message, token)
+        settled: list[Settled] = []
+        events: list[GuardEvent] = []
+        held = record.held
+        if held is not None:
+            last_time, last_energy = held.last[0], held.last[1]
+            continues_held = meter_time > last_time and plausible_rise(
+                last_energy, last_time, energy, meter_time, max_power)
+            if held.rise and continues_held:  # the jump was real: the meter goes on from it
+                record.held = None
+                settled.extend(self._forward(record, m_time, m_energy, m_message, m_token)
+                               for m_time, m_energy, m_message, m_token in held.readings)
+                return self._forwarded(record, reading, settled, events)
+            if not held.rise and continues_held and not self._continues_floor(record, meter_time, energy,
+                                                                                max_power):
+                held.readings.append(reading)
+                if len(held.readings) < RESET_READINGS:
+                    return Outcome(meter_id=meter_id, held=True)
+                record.held = None
+                old = record.energy if record.energy is not None else held.readings[0][1]
+                events.append(GuardEvent(EVENT_RESET, meter_id, old, held.readings[0][1]))
+                settled.extend(self._forward(record, m_time, m_energy, m_message, m_token)
+                               for m_time, m_energy, m_message, m_token in held.readings[:-1])
+                return self._forwarded(record, reading, settled, events)
+            # Not confirmed: the held readings were glitches.
+            record.held = None
+            reason = DROP_IMPLAUSIBLE_RISE if held.rise else DROP_ENERGY_DECREASE
+            for _time, held_energy, _message, held_token in held.readings:
+                self.drops[reason] += 1
+                settled.append(Settled(held_token, reason=reason))
+                if held.rise:
+                    events.append(GuardEvent(EVENT_IMPLAUSIBLE, meter_id, record.energy or 0.0, held_energy))
+        floor, floor_time = record.energy, record.energy_time
+        if floor is None or self._continues_floor(record, meter_time, energy, max_power):
+            return self._forwarded(record, reading, settled, events)
+        if energy < floor and floor_time is not None and meter_time <= floor_time:
+            # Older on the meter's clock than the floor: a reading sent again, not a new count.
+            self.drops[DROP_ENERGY_DECREASE] += 1
+            return Outcome(meter_id=meter_id, reason=DROP_ENERGY_DECREASE, settled=tuple(settled),
+                           events=tuple(events))
+        record.held = _Held(energy > floor, reading)
+        return Outcome(meter_id=meter_id, held=True, settled=tuple(settled), events=tuple(events))
+
+    @staticmethod
+    def _continues_floor(record: _MeterRecord, meter_time: str, energy: float, max_power: float) -> bool:
+        """Whether a reading goes on plausibly from the last energy forwarded."""
+        if record.energy is None:
+            return True
+        return plausible_rise(record.energy, record.energy_time, energy, meter_time, max_power)
+
+    @staticmethod
+    def _forward(record: _MeterRecord, meter_time: str, energy: float, message: CleanMessage,
+                 token: object) -> Settled:
+        """A held reading released: it becomes the floor."""
+        record.last_minutes = meter_time
+        record.energy, record.energy_time = energy, meter_time
+        return Settled(token, message=message)
+
+    def _forwarded(self, record: _MeterRecord, reading: tuple[str, float, CleanMessage, object],
+                   settled: list[Settled], events: list[GuardEvent]) -> Outcome:
+        meter_time, energy, message, _token = reading
+        record.last_minutes = meter_time
+        record.energy, record.energy_time = energy, meter_time
+        return Outcome(message=message, meter_id=message.meter_id, settled=tuple(settled), events=tuple(events))

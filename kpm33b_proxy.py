@@ -42,8 +42,22 @@ import paho.mqtt.client as mqtt
 
 import config_loader
 from availability import MeterAvailability, silence_limit
-from config_loader import Config
-from data_mapping import DROP_EXCLUDED, MINUTES, SECONDS, MeterDataProcessor, MeterMemory, clean_topic, encode_payload
+from config_loader import Config, MeterSettings
+from data_mapping import (
+    DROP_ENERGY_DECREASE,
+    DROP_EXCLUDED,
+    EVENT_RESET,
+    MINUTES,
+    REJECTIONS,
+    RESET_READINGS,
+    SECONDS,
+    CleanMessage,
+    GuardEvent,
+    MeterDataProcessor,
+    MeterMemory,
+    clean_topic,
+    encode_payload,
+)
 from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter
 from mqtt_common import (
     ConnectionReporter,
@@ -72,6 +86,7 @@ TICK_SECONDS = 0.5
 EXIT_STATE_LOCKED = 3
 TRIM_INTERVAL_SECONDS = 60.0
 TRIM_AFTER_NEW_METERS = 1_000
+GUARD_WARNING_INTERVAL = 3600.0  # a meter's dropped energy glitches are logged at most this often
 
 
 def _heap_trimmer() -> Callable[[int], int] | None:
@@ -97,6 +112,12 @@ def state_directory(config_path: Path, environ: Mapping[str, str]) -> Path:
     if from_systemd:
         return Path(from_systemd.split(":")[0])
     return config_path.resolve().parent / "state"
+
+
+def max_power_by_meter(meters: MeterSettings) -> dict[str, float]:
+    """The energy guard's per-meter power limits, for the meters that override the default."""
+    return {meter_id: device.max_power_kw for meter_id, device in meters.devices.items()
+            if device.max_power_kw is not None}
 
 
 def stats_payload(counters: Mapping[str, int], drops: Mapping[str, int], queue_depth: int, meters: int,
@@ -175,8 +196,10 @@ class Proxy:
         self.counters = Counters()
         self.rejections = RateLimitedLog(log)
         self.memory = MeterMemory()
-        self.processor = MeterDataProcessor(excluded=config.meters.exclude, memory=self.memory,
-                                            per_phase=per_phase_by_meter(config.meters))
+        self.processor = MeterDataProcessor(
+            excluded=config.meters.exclude, memory=self.memory, per_phase=per_phase_by_meter(config.meters),
+            max_power_kw=config.meters.max_power_kw, max_power_by_meter=max_power_by_meter(config.meters))
+        self._guard_warned: dict[str, float] = {}  # meter id → when its last energy warning was logged
         meters = config.meters
         self.availability = MeterAvailability(
             lambda meter_id: silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id)),
@@ -385,28 +408,64 @@ class Proxy:
             return
         now = time.monotonic()
         self.counters.add("received")
-        outcome = self.processor.process(kind, message.payload, now, redelivered=bool(message.dup))
+        outcome = self.processor.process(kind, message.payload, now, redelivered=bool(message.dup),
+                                         token=message.mid if message.qos else 0)
         if outcome.meter_id is not None and outcome.reason != DROP_EXCLUDED \
                 and self.availability.seen(outcome.meter_id, now):
             log.info("meter %s is online", outcome.meter_id)
             self._publish_availability(outcome.meter_id, "online")
+        for event in outcome.events:
+            self._log_guard_event(event, now)
+        for settled in outcome.settled:  # readings the energy guard held back, now decided: oldest first
+            if settled.message is not None:
+                self._enqueue_reading(settled.message, settled.token)  # type: ignore[arg-type]
+            elif settled.token:
+                client.ack(settled.token, 1)  # type: ignore[arg-type]
+        if outcome.held:
+            return  # acknowledged once the meter's next readings decide it
         if outcome.message is None:
             client.ack(message.mid, message.qos)  # nothing to deliver: done with it
-            if outcome.reason is not None:
-                if outcome.meter_id is None:
-                    self.rejections.warning(outcome.reason, "rejected a message on %s: %s", message.topic,
-                                            outcome.detail)
-                else:
-                    log.debug("dropped a %s reading of meter %s: %s", kind, outcome.meter_id, outcome.reason)
+            if outcome.reason in REJECTIONS:
+                self.rejections.warning(outcome.reason, "rejected a message on %s: %s", message.topic,
+                                        outcome.detail)
+            elif outcome.reason == DROP_ENERGY_DECREASE:
+                self._warn_guard(outcome.meter_id, now, "dropped an energy reading of meter %s older than, "
+                                 "and lower than, the last one forwarded (%s kWh)", outcome.meter_id,
+                                 self.memory.last_energy(outcome.meter_id or ""))
+            elif outcome.reason is not None:
+                log.debug("dropped a %s reading of meter %s: %s", kind, outcome.meter_id, outcome.reason)
             return
-        clean = outcome.message
+        self._enqueue_reading(outcome.message, message.mid if message.qos else 0)
+
+    def _enqueue_reading(self, clean: CleanMessage, source_mid: int) -> None:
+        """Queue a clean reading; its raw one (``source_mid``) is acknowledged once it is delivered."""
         self.discovery.meter_seen(clean.meter_id)  # its configs go before its first reading
         energy = clean.payload.get("active_energy")
         self._enqueue(Outgoing(
             clean_topic(self.main_topic, clean.meter_id, clean.kind), encode_payload(clean.payload), True,
-            source_mid=message.mid if message.qos else 0, reading=True,
+            source_mid=source_mid, reading=True,
             energy=(clean.meter_id, energy) if isinstance(energy, int | float) else None,
         ))
+
+    def _log_guard_event(self, event: GuardEvent, now: float) -> None:
+        """A counter reset accepted (always a WARNING), or a glitch dropped (a WARNING at most hourly per meter)."""
+        if event.kind == EVENT_RESET:
+            log.warning("meter %s: energy counter reset accepted, from %s kWh to %s kWh (%d readings rose "
+                        "steadily from the new count)", event.meter_id, event.old, event.new, RESET_READINGS)
+        else:
+            self._warn_guard(event.meter_id, now, "meter %s: dropped an energy reading of %s kWh after %s kWh: "
+                             "a rise faster than %s kW that the next reading did not confirm", event.meter_id,
+                             event.new, event.old, self.config.meters.max_power(event.meter_id))
+
+    def _warn_guard(self, meter_id: str | None, now: float, message: str, *args: object) -> None:
+        """A WARNING about a meter's energy readings, at most once an hour per meter (the stats count them all)."""
+        if meter_id is None or now < self._guard_warned.get(meter_id, -GUARD_WARNING_INTERVAL) \
+                + GUARD_WARNING_INTERVAL:
+            return
+        if len(self._guard_warned) >= 10_000:  # bounded: forget the warnings older than the interval
+            self._guard_warned = {m: t for m, t in self._guard_warned.items() if now - t < GUARD_WARNING_INTERVAL}
+        self._guard_warned[meter_id] = now
+        log.warning(message + " (logged at most hourly per meter)", *args)
 
     # --- central broker (consumers) ----------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,11 @@ from data_mapping import (
     DROP_DUPLICATE,
     DROP_ENERGY_DECREASE,
     DROP_EXCLUDED,
+    DROP_IMPLAUSIBLE_RISE,
     DROP_PART_EXPIRED,
     DROP_PART_OVERFLOW,
+    EVENT_IMPLAUSIBLE,
+    EVENT_RESET,
     MAX_PAYLOAD_BYTES,
     MINUTES,
     PER_PHASE_GROUPS,
@@ -29,12 +34,14 @@ from data_mapping import (
     REJECTIONS,
     SECONDS,
     CleanMessage,
+    GuardEvent,
     MeterDataProcessor,
     MeterMemory,
     Outcome,
     Packet,
     PacketAssembler,
     Rejected,
+    Settled,
     clean_payload,
     clean_topic,
     encode_payload,
@@ -42,6 +49,7 @@ from data_mapping import (
     is_valid_meter_id,
     iso_time,
     parse_packet,
+    plausible_rise,
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -51,6 +59,7 @@ THIRD_METER = "33B1225950029"
 T1 = "20260112170000"
 T2 = "20260112171500"
 T3 = "20260112173000"
+T4 = "20260112174500"
 
 
 def capture_payloads(name: str) -> list[bytes]:
@@ -88,6 +97,7 @@ def dropped(reason: str, meter_id: str = METER) -> Outcome:
 
 
 HELD = Outcome(meter_id=METER)  # a part of a split reading, held until its last part
+HELD_ENERGY = Outcome(meter_id=METER, held=True)  # an energy reading the guard holds back
 
 
 # --- mapping -------------------------------------------------------------------
@@ -522,9 +532,46 @@ def test_integer_too_large_for_a_float_is_rejected_as_bad_value() -> None:
     assert_rejected(payload, REJECT_BAD_VALUE)
 
 
-def test_bad_value_in_any_tag_rejects_the_whole_packet() -> None:
-    assert_rejected(raw(zyggl=6.6905, ua="229.1"), REJECT_BAD_VALUE,
-                    "meter 33B1225950027: 'ua' is '229.1', not a finite number")
+def test_bad_value_in_a_mapped_tag_rejects_the_whole_packet() -> None:
+    assert_rejected(raw(zyggl=6.6905, zygsz="56.331"), REJECT_BAD_VALUE,
+                    "meter 33B1225950027: 'zygsz' is '56.331', not a finite number")
+
+
+def test_bad_value_in_a_per_phase_tag_the_meter_maps_rejects_the_packet() -> None:
+    processor = MeterDataProcessor(per_phase={METER: ("voltage",)})
+
+    outcome = processor.process(SECONDS, raw(zyggl=6.6905, ua="229.1"), 0.0)
+
+    assert outcome == Outcome(reason=REJECT_BAD_VALUE,
+                              detail="meter 33B1225950027: 'ua' is '229.1', not a finite number")
+
+
+def test_bad_value_in_a_per_phase_tag_the_meter_does_not_map_is_ignored() -> None:
+    processor = MeterDataProcessor()
+
+    assert processor.process(SECONDS, raw(zyggl=6.6905, ua="229.1"), 0.0) == power_message(6.6905)
+
+
+@pytest.mark.parametrize("extra", ["V1.9", None, True, [1, 2], {"a": 1}])
+def test_extra_tag_the_mapping_does_not_use_is_ignored(extra: object) -> None:
+    # Other models of the family send e.g. a firmware version beside the measurements.
+    processor = MeterDataProcessor(per_phase={METER: ("voltage",)})
+
+    outcomes = [
+        processor.process(SECONDS, raw(time=T1, zyggl=6.6905, ua=229.1, ver=extra), 0.0),
+        processor.process(MINUTES, raw(time=T1, zygsz=56.331, ver=extra), 1.0),
+    ]
+
+    assert outcomes[0].message is not None
+    assert outcomes[0].message.payload["voltage_l1"] == 229.1
+    assert "ver" not in outcomes[0].message.payload
+    assert outcomes[1] == energy_message(56.331)
+
+
+def test_extra_non_numeric_tag_does_not_hide_an_all_zero_reading() -> None:
+    processor = MeterDataProcessor()
+
+    assert processor.process(MINUTES, raw(zygsz=0.0, zwgsz=0.0, ver="V1.9"), 0.0) == dropped(DROP_ALL_ZERO)
 
 
 # --- split packets -----------------------------------------------------------------
@@ -799,16 +846,20 @@ def test_same_time_of_another_meter_is_not_a_duplicate() -> None:
     assert outcomes == [energy_message(31.057), energy_message(31.057, meter_id=OTHER_METER)]
 
 
-def test_energy_lower_than_last_forwarded_is_dropped() -> None:
+def test_energy_lower_than_last_forwarded_is_held_then_dropped_when_the_count_goes_on() -> None:
     processor = MeterDataProcessor()
 
     outcomes = [
-        processor.process(MINUTES, energy_reading(56.331, T1), 0.0),
-        processor.process(MINUTES, energy_reading(56.330, T2), 1.0),
-        processor.process(MINUTES, energy_reading(56.4, T3), 2.0),
+        processor.process(MINUTES, energy_reading(56.331, T1), 0.0, token=1),
+        processor.process(MINUTES, energy_reading(56.330, T2), 1.0, token=2),
+        processor.process(MINUTES, energy_reading(56.4, T3), 2.0, token=3),
     ]
 
-    assert outcomes == [energy_message(56.331, T1), dropped(DROP_ENERGY_DECREASE), energy_message(56.4, T3)]
+    assert outcomes == [
+        energy_message(56.331, T1),
+        HELD_ENERGY,
+        replace(energy_message(56.4, T3), settled=(Settled(2, reason=DROP_ENERGY_DECREASE),)),
+    ]
     assert processor.drops == Counter({DROP_ENERGY_DECREASE: 1})
 
 
@@ -823,13 +874,15 @@ def test_equal_energy_at_a_new_time_is_forwarded() -> None:
     assert outcomes == [energy_message(56.331, T1), energy_message(56.331, T2)]
 
 
-def test_dropped_lower_energy_does_not_lower_the_guard() -> None:
+def test_held_lower_energy_does_not_lower_the_guard() -> None:
     processor = MeterDataProcessor()
     processor.process(MINUTES, energy_reading(56.331, T1), 0.0)
     processor.process(MINUTES, energy_reading(10.0, T2), 1.0)
 
     assert processor.memory.last_energy(METER) == 56.331
-    assert processor.process(MINUTES, energy_reading(50.0, T3), 2.0) == dropped(DROP_ENERGY_DECREASE)
+    assert processor.process(MINUTES, energy_reading(56.4, T3), 2.0).message == energy_message(56.4, T3).message
+    assert processor.process(MINUTES, energy_reading(50.0, T4), 3.0) == HELD_ENERGY
+    assert processor.memory.last_energy(METER) == 56.4
 
 
 def test_energy_guard_is_per_meter() -> None:
@@ -882,7 +935,9 @@ def test_counter_guard_restored_after_restart_still_drops_a_lower_energy() -> No
         after_restart.process(MINUTES, energy_reading(163.5, T3), 1.0),
     ]
 
-    assert outcomes == [dropped(DROP_ENERGY_DECREASE), energy_message(163.5, T3)]
+    assert outcomes == [
+        HELD_ENERGY, replace(energy_message(163.5, T3), settled=(Settled(None, reason=DROP_ENERGY_DECREASE),)),
+    ]
     assert after_restart.memory.energy_snapshot() == {METER: 163.5}
 
 
@@ -896,7 +951,7 @@ def test_processor_uses_the_memory_it_is_given_even_when_empty() -> None:
     outcome = processor.process(MINUTES, energy_reading(0.5, T2), 0.0)
 
     assert processor.memory is memory
-    assert outcome == dropped(DROP_ENERGY_DECREASE)
+    assert outcome == HELD_ENERGY
 
 
 def test_processor_uses_the_assembler_it_is_given_even_when_empty() -> None:
@@ -929,7 +984,7 @@ def test_drops_are_counted_by_reason() -> None:
         (MINUTES, energy_reading(31.057, T1)),
         (MINUTES, raw(time=T1, zygsz=0.0)),
         (MINUTES, energy_reading(31.057, T1)),
-        (MINUTES, energy_reading(31.0, T2)),
+        (MINUTES, energy_reading(31.0, "20260112160000")),  # older than the floor: sent again
         (MINUTES, energy_reading(31.0, T2, meter_id=THIRD_METER)),
         (SECONDS, b"not json"),
         (SECONDS, raw(meter_id="33B12259500/7")),
@@ -1029,3 +1084,190 @@ def test_memory_never_remembers_more_than_max_meters() -> None:
 
 def test_default_memory_bound_is_200000_meters() -> None:
     assert MeterMemory().max_meters == 200_000
+
+
+# --- the energy guard ------------------------------------------------------------------
+
+
+def minute(n: int) -> str:
+    """The meter time ``n`` minutes after 2026-01-12 17:00:00."""
+    return (datetime(2026, 1, 12, 17, 0) + timedelta(minutes=n)).strftime("%Y%m%d%H%M%S")
+
+
+def run_energy(processor: MeterDataProcessor, values: list[float], start: int = 0) -> list[Outcome]:
+    """One energy reading a minute (meter clock), token = its index."""
+    return [processor.process(MINUTES, energy_reading(value, minute(start + index)), float(index), token=index)
+            for index, value in enumerate(values)]
+
+
+def forwarded_energy(outcomes: list[Outcome]) -> list[float]:
+    """The energy values published, in the order the proxy publishes them (settled ones first)."""
+    values: list[float] = []
+    for outcome in outcomes:
+        for settled in outcome.settled:
+            if settled.message is not None:
+                values.append(settled.message.payload["active_energy"])  # type: ignore[arg-type]
+        if outcome.message is not None:
+            values.append(outcome.message.payload["active_energy"])  # type: ignore[arg-type]
+    return values
+
+
+@pytest.mark.parametrize("glitch", [1e9, 1e308])
+def test_implausible_rise_is_held_and_dropped_when_the_next_reading_does_not_confirm_it(glitch: float) -> None:
+    processor = MeterDataProcessor()
+
+    outcomes = run_energy(processor, [100.0, glitch, 101.0, 102.0])
+
+    assert forwarded_energy(outcomes) == [100.0, 101.0, 102.0]
+    assert outcomes[1] == HELD_ENERGY
+    assert outcomes[2].settled == (Settled(1, reason=DROP_IMPLAUSIBLE_RISE),)
+    assert outcomes[2].events == (GuardEvent(EVENT_IMPLAUSIBLE, METER, 100.0, glitch),)
+    assert processor.drops == Counter({DROP_IMPLAUSIBLE_RISE: 1})
+    assert processor.memory.last_energy(METER) == 102.0
+
+
+def test_implausible_rise_confirmed_by_the_next_reading_is_forwarded_in_order() -> None:
+    # A rise of 100 kWh in a minute (6 MW) is held; the meter goes on counting from it: it was real.
+    processor = MeterDataProcessor()
+
+    outcomes = run_energy(processor, [100.0, 200.0, 200.5])
+
+    assert outcomes[1] == HELD_ENERGY
+    assert outcomes[2].settled == (Settled(1, message=energy_message(200.0, minute(1)).message),)
+    assert forwarded_energy(outcomes) == [100.0, 200.0, 200.5]
+    assert processor.drops == Counter()
+
+
+def test_a_repeat_of_the_held_reading_does_not_confirm_it() -> None:
+    processor = MeterDataProcessor()
+    run_energy(processor, [100.0, 1e9])
+
+    repeat = processor.process(MINUTES, energy_reading(1e9, minute(1)), 5.0, token=9)
+    after = processor.process(MINUTES, energy_reading(100.5, minute(2)), 6.0, token=10)
+
+    assert repeat == dropped(DROP_DUPLICATE)
+    assert after.settled == (Settled(1, reason=DROP_IMPLAUSIBLE_RISE),)
+    assert after.message == energy_message(100.5, minute(2)).message
+
+
+def test_rise_within_max_power_is_forwarded_at_once() -> None:
+    # 500 kW for one minute is 8.333 kWh: just within the default limit.
+    processor = MeterDataProcessor()
+
+    assert forwarded_energy(run_energy(processor, [100.0, 108.333])) == [100.0, 108.333]
+
+
+def test_max_power_per_meter_overrides_the_default() -> None:
+    processor = MeterDataProcessor(max_power_kw=500.0, max_power_by_meter={METER: 6.0})
+
+    outcomes = run_energy(processor, [100.0, 100.2, 100.25])  # 12 kW, then 3 kW
+
+    assert outcomes[1] == HELD_ENERGY
+    assert forwarded_energy(outcomes) == [100.0, 100.2, 100.25]
+
+
+def test_counter_reset_is_accepted_after_three_readings_of_the_new_count() -> None:
+    processor = MeterDataProcessor()
+
+    outcomes = run_energy(processor, [5000.0, 12.0, 12.1, 12.2, 12.3])
+
+    assert outcomes[1:3] == [HELD_ENERGY, HELD_ENERGY]
+    assert outcomes[3].settled == (Settled(1, message=energy_message(12.0, minute(1)).message),
+                                   Settled(2, message=energy_message(12.1, minute(2)).message))
+    assert outcomes[3].events == (GuardEvent(EVENT_RESET, METER, 5000.0, 12.0),)
+    assert forwarded_energy(outcomes) == [5000.0, 12.0, 12.1, 12.2, 12.3]
+    assert processor.memory.last_energy(METER) == 12.3
+    assert processor.drops == Counter()
+
+
+def test_counter_reset_to_zero_with_a_constant_count_is_accepted() -> None:
+    processor = MeterDataProcessor()
+
+    outcomes = run_energy(processor, [5000.0, 0.0, 0.0, 0.0])
+
+    assert forwarded_energy(outcomes) == [5000.0, 0.0, 0.0, 0.0]
+
+
+def test_a_single_low_value_between_normal_ones_is_dropped() -> None:
+    processor = MeterDataProcessor()
+
+    outcomes = run_energy(processor, [5000.0, 12.0, 5000.1])
+
+    assert forwarded_energy(outcomes) == [5000.0, 5000.1]
+    assert outcomes[2].settled == (Settled(1, reason=DROP_ENERGY_DECREASE),)
+    assert outcomes[2].events == ()
+    assert processor.drops == Counter({DROP_ENERGY_DECREASE: 1})
+
+
+def test_two_low_values_then_the_old_count_drops_both() -> None:
+    processor = MeterDataProcessor()
+
+    outcomes = run_energy(processor, [5000.0, 12.0, 12.1, 5000.2])
+
+    assert forwarded_energy(outcomes) == [5000.0, 5000.2]
+    assert outcomes[3].settled == (Settled(1, reason=DROP_ENERGY_DECREASE), Settled(2, reason=DROP_ENERGY_DECREASE))
+
+
+def test_low_values_that_do_not_rise_plausibly_are_not_a_reset() -> None:
+    processor = MeterDataProcessor()
+
+    outcomes = run_energy(processor, [5000.0, 12.0, 11.0, 10.0, 5000.1])
+
+    assert forwarded_energy(outcomes) == [5000.0, 5000.1]
+    assert processor.drops == Counter({DROP_ENERGY_DECREASE: 3})
+
+
+def test_reading_older_than_the_floor_with_a_lower_energy_is_dropped_at_once() -> None:
+    processor = MeterDataProcessor()
+    run_energy(processor, [100.0, 100.1], start=10)
+
+    assert processor.process(MINUTES, energy_reading(99.0, minute(5)), 5.0) == dropped(DROP_ENERGY_DECREASE)
+
+
+def test_meter_clock_set_back_holds_one_reading_then_goes_on() -> None:
+    # The config sender set the meter's clock back 10 minutes: the next reading is "older" but higher.
+    processor = MeterDataProcessor()
+    run_energy(processor, [100.0, 100.1], start=20)
+
+    outcomes = run_energy(processor, [100.2, 100.3], start=11)
+
+    assert outcomes[0] == HELD_ENERGY
+    assert forwarded_energy(outcomes) == [100.2, 100.3]
+
+
+def test_negative_energy_is_rejected_as_bad_value() -> None:
+    processor = MeterDataProcessor()
+
+    outcome = processor.process(MINUTES, energy_reading(-5.0), 0.0)
+
+    assert outcome == Outcome(meter_id=METER, reason=REJECT_BAD_VALUE,
+                              detail="meter 33B1225950027: energy -5.0 is negative")
+    assert processor.drops == Counter({REJECT_BAD_VALUE: 1})
+    assert processor.memory.last_energy(METER) is None
+
+
+def test_guard_restored_with_its_time_judges_the_first_reading_after_a_restart() -> None:
+    memory = MeterMemory()
+    memory.restore_energy(METER, 100.0, minute(0))
+    processor = MeterDataProcessor(memory=memory)
+
+    outcomes = run_energy(processor, [1e9, 101.0, 102.0], start=1)
+
+    assert forwarded_energy(outcomes) == [101.0, 102.0]
+
+
+@pytest.mark.parametrize(
+    ("old", "old_time", "new", "new_time", "plausible"),
+    [
+        (100.0, minute(0), 100.0, minute(0), True),
+        (100.0, minute(0), 100.001, minute(0), False),
+        (100.0, minute(0), 99.9, minute(1), False),
+        (100.0, minute(0), 108.333, minute(1), True),
+        (100.0, minute(0), 108.34, minute(1), False),
+        (100.0, minute(0), 600.0, minute(60), True),
+        (100.0, None, 1e9, minute(1), True),
+        (100.0, minute(5), 100.1, minute(1), False),
+    ],
+)
+def test_plausible_rise(old: float, old_time: str | None, new: float, new_time: str, plausible: bool) -> None:
+    assert plausible_rise(old, old_time, new, new_time, 500.0) is plausible

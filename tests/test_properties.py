@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from data_mapping import (
     DROP_ENERGY_DECREASE,
+    EVENT_RESET,
     KINDS,
     MINUTES,
     PER_PHASE_FIELDS,
@@ -32,7 +34,7 @@ from data_mapping import (
 CLEAN_TOPIC = re.compile(r"kpm33b/[0-9A-Za-z]{13}/(seconds|minutes)")
 METER_ID = re.compile(r"[0-9A-Za-z]{13}")
 ISO_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")
-DROP_REASONS = {*REJECTIONS, "excluded", "duplicate", "all_zero", "energy_decrease"}
+DROP_REASONS = {*REJECTIONS, "excluded", "duplicate", "all_zero", "energy_decrease", "implausible_rise"}
 FAST = settings(max_examples=200, deadline=None)
 PER_PHASE = {"33B1225950027": PER_PHASE_GROUPS, "33B1225950028": ("current",)}
 
@@ -92,7 +94,16 @@ def _no_constants(name: str) -> object:
 
 
 def assert_clean(outcome: Outcome, processor: MeterDataProcessor) -> None:
-    """What comes out is a clean message with a safe topic, or a known drop reason, or a held part."""
+    """What comes out is a clean message with a safe topic, or a known drop reason, or a held part.
+
+    The same for every held reading the packet settled.
+    """
+    for settled in outcome.settled:
+        assert (settled.message is None) != (settled.reason is None)
+        if settled.message is None:
+            assert settled.reason in DROP_REASONS
+        else:
+            assert_clean(Outcome(message=settled.message, meter_id=settled.message.meter_id), processor)
     if outcome.message is None:
         assert outcome.reason is None or outcome.reason in DROP_REASONS
         if outcome.meter_id is not None:
@@ -176,21 +187,27 @@ readings = st.tuples(
 def test_forwarded_energy_of_a_meter_never_decreases(
     restored: float | None, stream: list[tuple[str, str, float | None, float]],
 ) -> None:
+    # Forwarded energy falls only where the guard accepted a counter reset, and then to the new count.
     memory = MeterMemory()
     if restored is not None:
         memory.restore_energy("33B1225950027", restored)
     processor = MeterDataProcessor(memory=memory)
     forwarded: list[float] = [] if restored is None else [restored]
+    resets: list[float] = []
 
     for now, (meter_time, isend, energy, reactive) in enumerate(stream):
         document: dict[str, object] = {"id": "33B1225950027", "time": meter_time, "isend": isend, "zwgsz": reactive}
         if energy is not None:
             document["zygsz"] = energy
         outcome = processor.process(MINUTES, json.dumps(document).encode(), float(now))
-        if outcome.message is not None and outcome.message.payload["active_energy"] is not None:
-            forwarded.append(outcome.message.payload["active_energy"])  # type: ignore[arg-type]
+        resets.extend(event.new for event in outcome.events if event.kind == EVENT_RESET)
+        messages = [settled.message for settled in outcome.settled if settled.message is not None]
+        for message in [*messages, outcome.message]:
+            if message is not None and message.payload["active_energy"] is not None:
+                forwarded.append(message.payload["active_energy"])  # type: ignore[arg-type]
 
-    assert forwarded == sorted(forwarded)
+    falls = [after for before, after in itertools.pairwise(forwarded) if after < before]
+    assert falls == resets
 
 
 @FAST
@@ -242,5 +259,6 @@ def test_energy_decrease_drops_are_counted_once_each(stream: list[tuple[str, flo
         payload = json.dumps({"id": "33B1225950027", "time": meter_time, "zygsz": energy, "zwgsz": 1.0}).encode()
         outcome = processor.process(MINUTES, payload, float(now))
         decreases += outcome.reason == DROP_ENERGY_DECREASE
+        decreases += sum(settled.reason == DROP_ENERGY_DECREASE for settled in outcome.settled)
 
     assert processor.drops[DROP_ENERGY_DECREASE] == decreases
