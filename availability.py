@@ -56,6 +56,51 @@ class MeterAvailability:
             self._offline.discard(meter_id)
             return True
 
+    def restore(self, meter_id: str, last_seen: float, online: bool) -> None:
+        """A meter known from before a restart: its last reading at ``last_seen``, its state then.
+
+        Known meters are kept in the order they were last seen: restore them
+        oldest first, before any reading arrives. A meter learnt later (from
+        the central broker's retained topics) is restored with the proxy's
+        start as its last-seen time; appended after meters heard since, it is
+        checked at most the few seconds it took to learn of it late. A meter
+        heard from since ``last_seen`` is left as it is; one known but not
+        heard from since takes the state given (the broker's retained state
+        is the truth about what consumers were last told).
+        """
+        with self._lock:
+            known = self._last_seen.get(meter_id)
+            if known is not None:
+                if known <= last_seen:
+                    if online:
+                        self._offline.discard(meter_id)
+                    else:
+                        self._offline.add(meter_id)
+                return
+            self._last_seen[meter_id] = last_seen
+            if not online:
+                self._offline.add(meter_id)
+            if len(self._last_seen) > self._max_meters:
+                oldest = next(iter(self._last_seen))
+                del self._last_seen[oldest]
+                self._offline.discard(oldest)
+
+    def set_limits(self, limit_for: Callable[[str], float], shortest_limit: float) -> None:
+        """New silence limits (the configured intervals changed): they apply from the next check."""
+        with self._lock:
+            self._limit_for = limit_for
+            self._shortest_limit = shortest_limit
+
+    def last_seen(self, meter_id: str) -> float | None:
+        """When a meter's last reading came (None: not known)."""
+        with self._lock:
+            return self._last_seen.get(meter_id)
+
+    def snapshot(self) -> list[tuple[str, float, bool]]:
+        """Every known meter with its last-seen time and whether it is online, oldest first (to persist)."""
+        with self._lock:
+            return [(meter_id, seen, meter_id not in self._offline) for meter_id, seen in self._last_seen.items()]
+
     def went_offline(self, now: float) -> list[str]:
         """The meters silent for longer than their limit since the last call; now offline."""
         offline = []

@@ -42,6 +42,7 @@ import paho.mqtt.client as mqtt
 
 import config_loader
 from availability import MeterAvailability, silence_limit
+from command_tracking import AVAILABILITY, parse_availability, parse_central_topic
 from config_loader import Config, MeterSettings
 from data_mapping import (
     DROP_ENERGY_DECREASE,
@@ -237,6 +238,7 @@ class Proxy:
         self.internal_reporter = ConnectionReporter(self.internal, "internal", config.internal_broker, log)
         self.central_reporter = ConnectionReporter(self.central, "central", config.central_broker, log)
         self.stats_topic = f"{self.main_topic}/bridge/stats"
+        self.availability_subscription = f"{self.main_topic}/+/{AVAILABILITY}"
         self._next_stats = self.started_at + config.health.stats_interval_seconds
         self._next_trim = self.started_at + TRIM_INTERVAL_SECONDS
         self._meters_at_trim = 0
@@ -259,6 +261,9 @@ class Proxy:
         log.info("loaded the last energy of %d meters from %s", len(self.memory.energy_snapshot()),
                  self.journal.path)
         self.discovery.known_meters(self.memory.energy_snapshot())
+        for meter_id in self.memory.energy_snapshot():  # known: offline if silent for its limit from now on
+            if meter_id not in self.config.meters.exclude:
+                self.availability.restore(meter_id, self.started_at, online=True)
         self._publisher.start()
         self.notifier.start_watchdog(self.healthy)
         connect_in_background(self.central, self.config.central_broker)
@@ -277,9 +282,11 @@ class Proxy:
             self._ready_sent = True  # systemd: started means forwarding
             self.notifier.ready("forwarding")
         for meter_id in self.availability.went_offline(now):
-            log.info("meter %s is offline (silent for %.0f s)", meter_id,
-                     silence_limit(self.config.meters.seconds_interval(meter_id),
-                                   self.config.meters.minutes_interval(meter_id)))
+            last_seen = self.availability.last_seen(meter_id)
+            log.warning("meter %s is offline: silent for %.0f s (its limit is %.0f s)", meter_id,
+                        now - (last_seen if last_seen is not None else self.started_at),
+                        silence_limit(self.config.meters.seconds_interval(meter_id),
+                                      self.config.meters.minutes_interval(meter_id)))
             self._publish_availability(meter_id, "offline")
         with self._state_lock:
             self.journal.flush()
@@ -569,14 +576,24 @@ class Proxy:
         self._update_bridge_state()
         for meter_id in self.availability.online():
             self._publish_availability(meter_id, "online")
-        if self.discovery.subscriptions:  # Home Assistant's status, and the configs retained
-            self.central.subscribe([(topic, 1) for topic in self.discovery.subscriptions])
+        # The meters' retained availability (meters known before a restart that stay silent must still
+        # go offline), then Home Assistant's status and the configs retained.
+        self.central.subscribe([(topic, 1) for topic in (self.availability_subscription,
+                                                         *self.discovery.subscriptions)])
         with self.queue.condition:
             self.queue.condition.notify()
 
     def _on_central_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        """Home Assistant's status and the retained discovery configs: quick work in the announcer."""
-        self.discovery.on_central_message(message.topic, message.payload, bool(message.retain))
+        """Retained availability, Home Assistant's status and the retained discovery configs: quick work only."""
+        topic = parse_central_topic(self.main_topic, message.topic)
+        if topic is None or topic.leaf != AVAILABILITY:
+            self.discovery.on_central_message(message.topic, message.payload, bool(message.retain))
+            return
+        state = parse_availability(message.payload)
+        # Live messages are our own publications coming back: only the broker's retained store tells
+        # of meters from before this start.
+        if message.retain and state is not None and topic.meter_id not in self.config.meters.exclude:
+            self.availability.restore(topic.meter_id, self.started_at, online=state == "online")
 
     def _on_central_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                                _properties: Any) -> None:

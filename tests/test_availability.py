@@ -66,3 +66,71 @@ def test_beyond_max_meters_the_longest_silent_is_forgotten() -> None:
     assert len(availability) == 2
     assert availability.online() == ["33B0000000011", "33B0000000012"]
     assert availability.seen("33B0000000010", 5.0) is True
+
+
+def test_a_restored_meter_goes_offline_at_its_limit_from_its_last_reading() -> None:
+    availability = tracker()
+    availability.restore(FAST, -50.0, online=True)  # heard 50 s before this run's clock started
+
+    assert availability.online() == [FAST]
+    assert availability.went_offline(25.0) == []
+    assert availability.went_offline(25.5) == [FAST]
+
+
+def test_a_restored_offline_meter_is_not_reported_again_and_comes_back_when_heard() -> None:
+    availability = tracker()
+    availability.restore(SLOW, 0.0, online=False)
+
+    assert availability.went_offline(1000.0) == []
+    assert availability.seen(SLOW, 1001.0) is True
+    assert availability.online() == [SLOW]
+
+
+def test_restoring_a_meter_already_heard_changes_nothing() -> None:
+    availability = tracker()
+    availability.seen(FAST, 10.0)
+
+    availability.restore(FAST, 0.0, online=False)
+
+    assert availability.online() == [FAST]
+    assert availability.last_seen(FAST) == 10.0
+
+
+def test_a_meter_learnt_late_is_checked_once_the_meters_before_it_are_old_enough() -> None:
+    # Learnt from the broker 5 s after the start, appended after a meter heard at 4 s:
+    # it is still reported, at most those few seconds late.
+    availability = tracker()
+    availability.seen(SLOW, 4.0)
+    availability.restore(FAST, 0.0, online=True)
+
+    assert availability.went_offline(76.0) == []
+    assert availability.went_offline(79.5) == [FAST]
+
+
+def test_new_limits_apply_from_the_next_check() -> None:
+    availability = tracker()
+    availability.seen(SLOW, 0.0)
+
+    availability.set_limits(lambda _meter_id: 300.0, shortest_limit=300.0)
+
+    assert availability.went_offline(200.0) == []
+    assert availability.went_offline(301.0) == [SLOW]
+
+
+def test_snapshot_lists_every_meter_oldest_first_with_its_state() -> None:
+    availability = tracker()
+    availability.seen(SLOW, 0.0)
+    availability.seen(FAST, 10.0)
+    availability.went_offline(90.0)
+
+    assert availability.snapshot() == [(SLOW, 0.0, True), (FAST, 10.0, False)]
+
+
+def test_a_restored_meter_not_heard_since_takes_the_state_the_broker_retained() -> None:
+    availability = tracker()
+    availability.restore(SLOW, 0.0, online=True)  # from the state directory
+
+    availability.restore(SLOW, 0.0, online=False)  # the broker's retained availability
+
+    assert availability.online() == []
+    assert availability.seen(SLOW, 5.0) is True  # heard again: announced online
