@@ -4,7 +4,9 @@ Mosquitto 2.0 answers a QoS 1 publish of an MQTT 5 client that its ACL does
 not allow with PUBACK reason 0x87 "Not authorized" (and delivers it to no
 one). Such a message was never delivered: a refused reading must not be
 counted as forwarded nor journalled, and the operator must read why in an
-ERROR that names the topic, rate-limited like the rejections.
+ERROR that names the topic, rate-limited like the rejections. The config
+sender must not take a refused command for sent, nor raise an ALERT for a
+meter that never got it.
 """
 
 from __future__ import annotations
@@ -14,23 +16,34 @@ import logging
 import re
 import subprocess
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 from broker import Mosquitto, wait_for
 from daemons import Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
+from test_config_sender import MAIN, Central
+from test_internal_broker_config import METER_A, OBSERVER, SENDER, USER_A, InternalBroker
+from test_internal_broker_config import PASSWORD as INTERNAL_PASSWORD
 
 import config_loader
 import mqtt_common
+from command_tracking import CommandKind, CommandTracker, SlotStatus
+from config_loader import MeterSettings
+from config_sender import ConfigSender
 from kpm33b_proxy import Outgoing, Proxy
-from mqtt_common import RateLimitedLog, refusal
+from mqtt_common import ALERT, RateLimitedLog, refusal
 
 PROXY_SCRIPT = "kpm33b_proxy.py"
 PROXY_USER = "kpm33b-proxy"
+SENDER_USER = "kpm33b-config-sender"
 CENTRAL_PASSWORD = "central-secret"
 METER = "33B1225950027"
+LOCAL_NOW = datetime(2026, 1, 12, 16, 39, 5)
+NO_ACCOUNT = "33B1225950031"  # discovered on the central broker, but without an account on the internal one
 READINGS = 100
 BURST = 10  # RateLimitedLog's default: lines per minute before the rest are only counted
 REFUSED_LINE = re.compile(r" ERROR kpm33b_proxy: the central broker refused (\S+) \(([^)]*)\)")
@@ -162,6 +175,93 @@ def test_a_refusal_acknowledged_before_publish_returned_is_still_a_refusal(tmp_p
     assert "101.0" not in journal and "102.0" in journal
     assert proxy.queue.outstanding == 0
     assert proxy._acked_early == {} and proxy._handed == {}
+
+
+# --- the config sender ---------------------------------------------------------------------
+
+
+def test_commands_and_stats_the_brokers_refuse_are_errors_not_alerts(
+        tmp_path: Path, cleanup: Callable[[Callable[[], object]], None], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="config_sender")
+    # The production ACL: the sender may command only the meters that have an account.
+    internal = InternalBroker(tmp_path / "internal")
+    internal.mosquitto.start()
+    cleanup(internal.close)
+    meter = internal.login(USER_A)
+    meter.subscribe(f"MQTT_COMMOD_SET_{USER_A}")
+    observer = internal.login(OBSERVER)
+    observer.subscribe("#")
+    # Centrally the sender may read the meters' topics, but not publish its stats.
+    central = acl_central_broker(cleanup, tmp_path / "central", (
+        "topic readwrite #\n"  # anonymous: the test's stand-in for the proxy
+        f"user {SENDER_USER}\n"
+        f"topic read {MAIN}/#\n"
+    ), SENDER_USER)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "internal_broker": {"host": "127.0.0.1", "port": internal.port, "username": SENDER,
+                            "password": INTERNAL_PASSWORD},
+        "central_broker": {"host": "127.0.0.1", "port": central.port, "username": SENDER_USER,
+                           "password": CENTRAL_PASSWORD},
+        "meters": {"ack_timeout_seconds": 3},
+        "health": {"stats_interval_seconds": 1},
+        "logging": {"level": "DEBUG"},
+    }))
+    sender = ConfigSender(config_loader.load_config(path, {}), path, environ={}, client_id_prefix="test-refused")
+    sender.start()
+    cleanup(sender.stop)
+    assert sender.wait_ready(10)
+    stand_in = Central(central.port)
+    cleanup(stand_in.close)
+    stand_in.online(METER_A, NO_ACCOUNT)
+
+    # The meter with an account gets its two commands and answers them.
+    wait_for(lambda: len(meter.messages) == 2, timeout=10)
+    for _topic, payload in list(meter.messages):
+        assert not meter.publish("MQTT_COMMOD_SET_REP", json.dumps(
+            {"id": METER_A, "oprid": json.loads(payload)["oprid"], "code": "01"})).is_failure
+
+    def errors(text: str) -> list[str]:
+        return [record.getMessage() for record in caplog.records
+                if record.name == "config_sender" and record.levelno == logging.ERROR and text in record.getMessage()]
+
+    refused_topic = f"MQTT_COMMOD_SET_{NO_ACCOUNT[-8:]}"
+    wait_for(lambda: len(errors(refused_topic)) == 2, timeout=10)
+    for line in errors(refused_topic):
+        print(f"\n[refused command] {line}")
+        assert line.startswith(f"the internal broker refused meter {NO_ACCOUNT} ")
+        assert line.endswith(f" on {refused_topic}: Not authorized; not sent")
+    wait_for(lambda: sender.counters()["acked"] == 2, timeout=10)
+    counters = sender.counters()
+    # Nothing is pending any more, so no deadline is left that could raise an ALERT later.
+    assert {key: counters[key] for key in ("sent", "refused_by_broker", "acked", "pending", "alerted")} == {
+        "sent": 2, "refused_by_broker": 2, "acked": 2, "pending": 0, "alerted": 0}
+    assert not [record for record in caplog.records if record.levelno == ALERT]
+    assert refused_topic not in observer.topics()
+
+    # The stats the central broker refuses: an ERROR naming the topic and the reason.
+    stats_topic = f"{MAIN}/bridge/config_sender/stats"
+    wait_for(lambda: errors(stats_topic), timeout=10)
+    print(f"[refused stats] {errors(stats_topic)[0]}")
+    assert errors(stats_topic)[0] == f"the central broker refused {stats_topic}: Not authorized"
+
+
+def test_a_refused_command_is_neither_sent_nor_alerted_nor_retried() -> None:
+    tracker = CommandTracker(MeterSettings(), retry_delays=(10.0,))
+    tracker.observe_availability(NO_ACCOUNT, "online", now=0.0)
+    seconds, minutes = tracker.take_outgoing(0.0, LOCAL_NOW, limit=10)
+    assert (seconds.kind, minutes.kind) == (CommandKind.SECONDS_INTERVAL, CommandKind.MINUTES_INTERVAL)
+    tracker.refused_by_broker(seconds)
+    counters = tracker.counters()
+    assert (counters["sent"], counters["refused_by_broker"], counters["pending"]) == (1, 1, 1)
+    assert tracker.slot_status(NO_ACCOUNT, CommandKind.SECONDS_INTERVAL) is SlotStatus.REFUSED
+    # Past every deadline and retry: only the command the broker took times out and is retried.
+    events = tracker.tick(100.0) + tracker.tick(200.0)
+    assert [(type(event).__name__, event.command.kind) for event in events] == [  # type: ignore[union-attr]
+        ("NoReply", CommandKind.MINUTES_INTERVAL), ("Retrying", CommandKind.MINUTES_INTERVAL)]
+    assert [command.kind for command in tracker.take_outgoing(200.0, LOCAL_NOW, limit=10)] == [
+        CommandKind.MINUTES_INTERVAL]
+    assert tracker.counters()["alerted"] == 1
 
 
 # --- mqtt_common: what a PUBACK says, and the rate-limited log ------------------------------
