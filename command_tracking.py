@@ -19,6 +19,8 @@ The rules it implements:
   after growing delays (10 s, 60 s, 300 s) and, after the last one, left alone
   until the meter comes back after being offline or the configuration changes.
 - A new command for the same meter and ``Cmd`` supersedes an older pending one.
+- A command the broker refuses (its ACL; PUBACK reason ≥ 0x80) never reached
+  the meter: it is not counted as sent, and neither awaited, alerted nor retried.
 - Clock commands go to a meter whose live readings carry a time further than
   ``max_clock_drift_seconds`` from the local clock, at most once an hour; they
   are not retried (the hourly check is their retry).
@@ -89,6 +91,7 @@ class SlotStatus(Enum):
     FAILED = "failed"              # the meter answered code 02
     GAVE_UP = "gave up"            # no reply after the last retry: left alerted
     CANCELLED = "cancelled"        # meter excluded or gone offline
+    REFUSED = "refused by the broker"  # the internal broker would not take it (ACL): the meter never got it
 
 
 class Outcome(Enum):
@@ -100,6 +103,7 @@ class Outcome(Enum):
     LATE = "late"
     SUPERSEDED = "superseded"
     CANCELLED = "cancelled"
+    REFUSED = "refused by the broker"
 
 
 # --- commands -----------------------------------------------------------------
@@ -454,7 +458,8 @@ class _Meter:
 
 
 COUNTER_NAMES = (
-    "sent",               # commands handed to the broker, retries and re-sends included
+    "sent",               # commands handed to the broker, retries and re-sends included, refused ones not
+    "refused_by_broker",  # commands the broker refused (PUBACK reason ≥ 0x80): never reached a meter
     "acked",              # code 01 within the timeout
     "alerted",            # no reply within the timeout (each one an ALERT)
     "late",               # replies after the timeout
@@ -641,6 +646,24 @@ class CommandTracker:
             self.mark_sent(command, now)
             commands.append(command)
         return commands
+
+    def refused_by_broker(self, command: Command) -> None:
+        """The broker refused ``command`` (its ACL): it never reached the meter.
+
+        So it was not sent after all: no reply is awaited and no alert can
+        follow. It is not retried either (the broker would refuse it again);
+        the meter coming back online or a new configuration issue new commands.
+        Called once per refused hand-over, which ``mark_sent`` had counted.
+        """
+        self._counts["sent"] -= 1
+        self._counts["refused_by_broker"] += 1
+        pending = self._pending.pop(command.oprid, None)
+        if pending is None:
+            return  # superseded, answered or timed out meanwhile: that outcome stands
+        self._remember(pending, Outcome.REFUSED)
+        slot = self._slots.get((command.meter_id, command.kind))
+        if slot is not None and slot.oprid == command.oprid:
+            slot.status = SlotStatus.REFUSED
 
     def connection_lost(self) -> int:
         """The internal broker went away: commands awaiting replies go back to the front of the queue.

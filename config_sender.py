@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -50,6 +50,7 @@ from command_tracking import (
     BackOnline,
     Cancelled,
     ClockDrift,
+    Command,
     CommandTracker,
     Discovered,
     Event,
@@ -75,6 +76,7 @@ from mqtt_common import (
     install_signal_handlers,
     make_client,
     network_thread_alive,
+    refusal,
     setup_logging,
 )
 from sd_notify import SystemdNotifier
@@ -137,6 +139,7 @@ class _MeterReply:
 @dataclass(frozen=True)
 class _Published:
     mid: int
+    refused: str | None = None  # the broker's reason when it refused the command
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,14 @@ class _Stop:
 
 _WorkItem = (_CentralSubscribed | _CentralMessage | _InternalSubscribed | _Disconnected | _MeterReply
              | _Published | _ConfigFileTouched | _Stop)
+
+
+class _InFlight(NamedTuple):
+    """A command handed to paho, until the broker's PUBACK."""
+
+    handed_at: float  # monotonic
+    command: Command
+    topic: str
 
 
 class _ConfigFileHandler(FileSystemEventHandler):
@@ -211,7 +222,8 @@ class ConfigSender:
         self._internal = make_client(config.internal_broker, f"{prefix}-internal")
         self._wire_callbacks()
         self._rejections = RateLimitedLog(logger)
-        self._in_flight: dict[int, float] = {}   # paho mid -> when handed over
+        self._refusals = RateLimitedLog(logger, what="refused publishes")
+        self._in_flight: dict[int, _InFlight] = {}   # paho mid -> the command handed over
         self._central_ready = False
         self._internal_ready = False
         self._ready = threading.Event()
@@ -270,6 +282,7 @@ class ConfigSender:
             client.disconnect()
             client.loop_stop()
         self._rejections.flush()
+        self._refusals.flush()
         logger.info("config_sender stopped")
 
     @property
@@ -326,6 +339,7 @@ class ConfigSender:
         self._central.on_disconnect = self._on_disconnect
         self._central.on_subscribe = self._on_central_subscribe
         self._central.on_message = self._on_central_message
+        self._central.on_publish = self._on_central_publish
         self._internal.on_connect = self._on_internal_connect
         self._internal.on_disconnect = self._on_disconnect
         self._internal.on_subscribe = self._on_internal_subscribe
@@ -372,9 +386,16 @@ class ConfigSender:
     def _on_internal_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._queue.put(_MeterReply(message.topic, message.payload, time.monotonic()))
 
-    def _on_internal_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason_code: Any,
+    def _on_internal_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_code: Any,
                              _properties: Any) -> None:
-        self._queue.put(_Published(mid))
+        self._queue.put(_Published(mid, refusal(reason_code)))
+
+    def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, _mid: int, reason_code: Any,
+                            _properties: Any) -> None:
+        """The stats are the only thing published centrally: say so when the broker refuses them."""
+        refused = refusal(reason_code)
+        if refused is not None:
+            self._refusals.error(refused, "the central broker refused %s: %s", self._stats_topic, refused)
 
     # --- the worker -----------------------------------------------------------------------
 
@@ -432,8 +453,10 @@ class ConfigSender:
             case _MeterReply():
                 for event in self._tracker.observe_reply(item.payload, item.received_at):
                     self._log_event(event, item.topic)
-            case _Published():
-                self._in_flight.pop(item.mid, None)
+            case _Published(mid=mid, refused=refused):
+                handed = self._in_flight.pop(mid, None)
+                if refused is not None:
+                    self._command_refused(handed, refused)
             case _InternalSubscribed(ok=ok):
                 if not ok:
                     logger.error("internal broker refused the subscription to the meters' reply topics")
@@ -457,6 +480,15 @@ class ConfigSender:
             case _Stop():
                 self._stopping = True
                 self._stop_requested_at = time.monotonic()
+
+    def _command_refused(self, handed: _InFlight | None, reason: str) -> None:
+        """The internal broker refused a command (its ACL): the meter never got it, so no ALERT follows."""
+        if handed is None:  # its PUBACK came after IN_FLIGHT_EXPIRY_SECONDS
+            self._refusals.error(reason, "the internal broker refused a command: %s", reason)
+            return
+        self._tracker.refused_by_broker(handed.command)
+        self._refusals.error(reason, "the internal broker refused %s on %s: %s; not sent",
+                             handed.command.describe(), handed.topic, reason)
 
     def _check_ready(self) -> None:
         if self._central_ready and self._internal_ready and not self._ready.is_set():
@@ -505,7 +537,7 @@ class ConfigSender:
             return
         if self._in_flight:
             expired = time.monotonic() - IN_FLIGHT_EXPIRY_SECONDS
-            for mid in [mid for mid, at in self._in_flight.items() if at < expired]:
+            for mid in [mid for mid, handed in self._in_flight.items() if handed.handed_at < expired]:
                 del self._in_flight[mid]
         topics = self._config.internal_broker_topics
         while len(self._in_flight) < PUBLISH_WINDOW:
@@ -519,7 +551,7 @@ class ConfigSender:
                 # Still marked sent: it times out and is alerted like any lost command.
                 logger.error("could not publish %s: %s", command.describe(), error)
             else:
-                self._in_flight[info.mid] = time.monotonic()
+                self._in_flight[info.mid] = _InFlight(time.monotonic(), command, topic)
             self._tracker.mark_sent(command, time.monotonic())
             logger.debug("sent %s to %s", command.describe(), topic)
 

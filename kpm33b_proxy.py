@@ -13,7 +13,9 @@ Thin wiring around the pure ``data_mapping`` module:
   absorbed by our own bounded queue and drained in order when it returns;
 - a raw reading is acknowledged to the internal broker only once the central
   broker has its clean message, so readings a killed proxy had in hand come
-  again from its persistent session;
+  again from its persistent session; a clean message the central broker
+  refuses (PUBACK reason ≥ 0x80, e.g. its ACL) is not delivered: it is
+  counted as ``refused_by_central`` and logged, never counted as forwarded;
 - the main thread runs the timers: meters going offline, the energy journal,
   stats, and the systemd watchdog's heartbeat.
 
@@ -69,6 +71,7 @@ from mqtt_common import (
     make_client,
     network_thread_alive,
     reason_text,
+    refusal,
     setup_logging,
 )
 from sd_notify import SystemdNotifier
@@ -196,6 +199,8 @@ class Proxy:
         self.kinds = {topics.meter_seconds_data: SECONDS, topics.meter_minutes_data: MINUTES}
         self.counters = Counters()
         self.rejections = RateLimitedLog(log)
+        # Its own budget: a refusing central broker must not silence the rejections, nor the reverse.
+        self.refusals = RateLimitedLog(log, what="refused publishes")
         self.memory = MeterMemory()
         self.processor = MeterDataProcessor(
             excluded=config.meters.exclude, memory=self.memory, per_phase=per_phase_by_meter(config.meters),
@@ -227,7 +232,8 @@ class Proxy:
         # proxy gets every reading it had not delivered again at its next start.
         self.internal.manual_ack_set(True)
         self._handed: dict[int, Outgoing] = {}  # central message id → what it carries
-        self._acked_early: set[int] = set()  # PUBACKs that came before publish() returned
+        # PUBACKs that came before publish() returned: message id → the broker's reason code.
+        self._acked_early: dict[int, Any] = {}
         self._handed_lock = threading.Lock()
         self.central = make_client(
             config.central_broker,
@@ -314,9 +320,10 @@ class Proxy:
         """The counters as published on ``<main>/bridge/stats``."""
         # dict() of a Counter is one atomic copy under the GIL: the paho thread may be counting.
         drops = dict(self.processor.drops)
-        queue_full = self.counters.get("dropped.queue_full")
-        if queue_full:
-            drops["queue_full"] = queue_full
+        for reason in ("queue_full", "refused_by_central"):
+            count = self.counters.get(f"dropped.{reason}")
+            if count:
+                drops[reason] = count
         return stats_payload(self.counters.snapshot(), drops, len(self.queue), len(self.availability),
                              now - self.started_at)
 
@@ -365,6 +372,7 @@ class Proxy:
             self.journal.close()
         self.notifier.close()
         self.rejections.flush()
+        self.refusals.flush()
         lost = len(self.queue) + self.queue.outstanding
         log.info("stopped%s%s",
                  f"; {left_for_next_start} readings left with the internal broker for the next start"
@@ -535,25 +543,33 @@ class Proxy:
         """Publish one message to the central broker and remember what it carries."""
         info = self.central.publish(item.topic, item.payload, qos=1, retain=item.retain)
         with self._handed_lock:
-            delivered = info.mid in self._acked_early
-            if delivered:
-                self._acked_early.discard(info.mid)
+            acked_early = info.mid in self._acked_early
+            if acked_early:
+                reason_code = self._acked_early.pop(info.mid)
             else:
                 self._handed[info.mid] = item
-        if delivered:
-            self._delivered(item)
+        if acked_early:
+            self._acknowledged(item, reason_code)
 
-    def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason_code: Any,
+    def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_code: Any,
                             _properties: Any) -> None:
         with self._handed_lock:
             item = self._handed.pop(mid, None)
             if item is None:
-                self._acked_early.add(mid)
+                self._acked_early[mid] = reason_code  # the refusal, if it is one, must not be lost
         with self.queue.condition:
             self.queue.outstanding -= 1
             self.queue.condition.notify()
         if item is not None:
+            self._acknowledged(item, reason_code)
+
+    def _acknowledged(self, item: Outgoing, reason_code: Any) -> None:
+        """The central broker answered the publish: it took the message, or it refused it."""
+        refused = refusal(reason_code)
+        if refused is None:
             self._delivered(item)
+        else:
+            self._refused(item, refused)
 
     def _delivered(self, item: Outgoing) -> None:
         """The central broker has the message: count it, journal it, release the raw one."""
@@ -562,6 +578,21 @@ class Proxy:
         if item.energy is not None:
             with self._state_lock:
                 self.journal.record(*item.energy)
+        if item.source_mid:
+            self.internal.ack(item.source_mid, 1)
+
+    def _refused(self, item: Outgoing, reason: str) -> None:
+        """The central broker refused the message (e.g. its ACL): nobody got it.
+
+        A refused reading is counted as dropped and never journalled: the next
+        start must not trust a counter no consumer has seen. Its raw reading is
+        still acknowledged to the internal broker: it was handled, and sending
+        it again would only be refused again.
+        """
+        if item.reading:
+            self.counters.add("dropped.refused_by_central")
+        self.refusals.error(reason, "the central broker refused %s (%s)%s", item.topic, reason,
+                            "; reading dropped" if item.reading else "")
         if item.source_mid:
             self.internal.ack(item.source_mid, 1)
 

@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from config_loader import BrokerSettings
 
@@ -86,20 +87,32 @@ class RateLimitedLog:
 
     A flood of garbage on the meters' broker must not flood the journal: the
     first few rejections are logged in full, the rest summarised with counts
-    when the window ends.
+    when the window ends. The summary has the level of the most severe line
+    it stands for, so that ``journalctl -p err`` still shows that errors were
+    left out.
     """
 
-    def __init__(self, logger: logging.Logger, burst: int = 10, window: float = 60.0) -> None:
+    def __init__(self, logger: logging.Logger, burst: int = 10, window: float = 60.0,
+                 what: str = "rejected messages") -> None:
         self.logger = logger
         self.burst = burst
         self.window = window
+        self.what = what  # what the summary says was not logged
         self._lock = threading.Lock()
         self._window_start = time.monotonic()
         self._logged = 0
         self._suppressed: Counter[str] = Counter()
+        self._suppressed_level = logging.WARNING
 
     def warning(self, reason: str, message: str, *args: object) -> None:
         """Log a warning about input rejected for ``reason``, unless over the limit."""
+        self._log(logging.WARNING, reason, message, *args)
+
+    def error(self, reason: str, message: str, *args: object) -> None:
+        """Log an error (e.g. a publish the broker refused for ``reason``), unless over the limit."""
+        self._log(logging.ERROR, reason, message, *args)
+
+    def _log(self, level: int, reason: str, message: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             summary = self._roll_window(now)
@@ -108,28 +121,36 @@ class RateLimitedLog:
                 self._logged += 1
             else:
                 self._suppressed[reason] += 1
+                self._suppressed_level = max(self._suppressed_level, level)
         if summary:
-            self.logger.warning("%s", summary)
+            self.logger.log(*summary)
         if allowed:
-            self.logger.warning(message, *args)
+            self.logger.log(level, message, *args)
 
     def flush(self) -> None:
         """Log the summary of the current window now (at shutdown)."""
         with self._lock:
-            summary = self._roll_window(self._window_start + self.window)
+            summary = self._roll_window(time.monotonic(), force=True)
         if summary:
-            self.logger.warning("%s", summary)
+            self.logger.log(*summary)
 
-    def _roll_window(self, now: float) -> str | None:
-        if now - self._window_start < self.window:
+    def _roll_window(self, now: float, force: bool = False) -> tuple[int, str, str] | None:
+        """Start a new window if the current one is over (or ``force``); the summary line to log, if any.
+
+        ``force`` rather than a time one window on: ``(start + window) - start``
+        can round to just below ``window``, and the summary would be lost.
+        """
+        if not force and now - self._window_start < self.window:
             return None
         summary = None
         if self._suppressed:
             counts = ", ".join(f"{reason} {count}" for reason, count in sorted(self._suppressed.items()))
-            summary = f"{sum(self._suppressed.values())} more rejected messages not logged ({counts})"
+            summary = (self._suppressed_level, "%s",
+                       f"{sum(self._suppressed.values())} more {self.what} not logged ({counts})")
         self._window_start = now
         self._logged = 0
         self._suppressed.clear()
+        self._suppressed_level = logging.WARNING
         return summary
 
 
@@ -318,6 +339,20 @@ class ConnectionReporter:
 def reason_text(reason_code: Any) -> str:
     """A reason code as words, whatever paho handed over."""
     return str(getattr(reason_code, "getName", lambda: reason_code)())
+
+
+def refusal(reason_code: Any) -> str | None:
+    """Why the broker refused a publish (its PUBACK reason ≥ 0x80), or None when it took it.
+
+    MQTT 5 brokers refuse a QoS 1 publish in the PUBACK (Mosquitto 2.0 sends
+    0x87 "Not authorized" for one its ACL denies) and deliver it to nobody, so
+    a PUBACK is not proof of delivery. "No matching subscribers" (0x10) is
+    not a refusal. Anything but a reason code counts as accepted: that is
+    what paho reports for MQTT 3.1.1, whose PUBACK carries no reason.
+    """
+    if not isinstance(reason_code, ReasonCode) or not reason_code.is_failure:
+        return None
+    return reason_text(reason_code)
 
 
 def network_thread_alive(client: mqtt.Client) -> bool:

@@ -199,8 +199,9 @@ def test_discovered_meter_gets_both_interval_commands() -> None:
     assert state.observe_availability(OFFICE, "online", now=0.0) == [Discovered(OFFICE, "availability", False, False)]
     assert state.take_outgoing(0.5, LOCAL_NOW, limit=10) == [seconds_cmd(1), minutes_cmd(2)]
     assert state.counters() == {
-        "sent": 2, "acked": 0, "alerted": 0, "late": 0, "failed": 0, "retried": 0, "rejected_replies": 0,
-        "ignored_replies": 0, "superseded": 0, "clock_commands": 0, "discovered": 1, "pending": 2}
+        "sent": 2, "refused_by_broker": 0, "acked": 0, "alerted": 0, "late": 0, "failed": 0, "retried": 0,
+        "rejected_replies": 0, "ignored_replies": 0, "superseded": 0, "clock_commands": 0, "discovered": 1,
+        "pending": 2}
 
 
 def test_per_meter_override_wins_over_the_default() -> None:
