@@ -85,6 +85,12 @@ class MeterAvailability:
                 del self._last_seen[oldest]
                 self._offline.discard(oldest)
 
+    def forget(self, meter_id: str) -> None:
+        """Stop tracking a meter (it was excluded): no state is published for it any more."""
+        with self._lock:
+            self._last_seen.pop(meter_id, None)
+            self._offline.discard(meter_id)
+
     def set_limits(self, limit_for: Callable[[str], float], shortest_limit: float) -> None:
         """New silence limits (the configured intervals changed): they apply from the next check."""
         with self._lock:

@@ -20,7 +20,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
@@ -521,6 +521,19 @@ def load_config(path: Path, environ: Mapping[str, str]) -> Config:
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
     return parse_config(raw, environ)
+
+
+RESTART_ONLY_SECTIONS = ("internal_broker", "central_broker", "internal_broker_topics", "central_broker_topics")
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The sections of a reloaded configuration that only a restart applies (new connections, topics)."""
+    return [name for name in RESTART_ONLY_SECTIONS if getattr(old, name) != getattr(new, name)]
+
+
+def keep_connection_settings(old: Config, new: Config) -> Config:
+    """``new`` with the sections only a restart applies taken from ``old``: what a running daemon uses."""
+    return replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_SECTIONS})
 
 
 def describe(config: Config) -> str:

@@ -273,6 +273,31 @@ class DiscoveryAnnouncer:
         return cls(config.meters, config.central_broker_topics.external_main_topic, settings.discovery_prefix,
                    publish, enabled=settings.discovery, origin_url=settings.origin_url)
 
+    def reconfigure(self, meters: MeterSettings, prefix: str, *, enabled: bool,
+                    origin_url: str | None) -> None:
+        """Apply a reloaded configuration: every known meter is announced again over the next ticks.
+
+        New names and per-phase groups reach Home Assistant that way. What is
+        no longer wanted (a meter now excluded, a per-phase group removed) is
+        removed when the broker sends the retained configs again: the proxy
+        subscribes to ``subscriptions`` once more after this call. A meter no
+        longer excluded is announced again when it is next heard from.
+        """
+        with self._lock:
+            self.meters = meters
+            self.prefix = prefix
+            self.enabled = enabled
+            self.origin_url = origin_url
+            self.status_topic = status_topic(prefix)
+            self.subscriptions = (self.status_topic, config_subscription(prefix)) if enabled else ()
+            self._cleared &= meters.exclude
+            for meter_id in [m for m in self._known if m in meters.exclude]:
+                del self._known[meter_id]
+                self._pending.pop(meter_id, None)
+            if enabled:
+                for meter_id in self._known:
+                    self._pending[meter_id] = None
+
     def known(self) -> list[str]:
         """The meters whose configs the proxy publishes, in the order it learnt them."""
         with self._lock:

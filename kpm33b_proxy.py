@@ -61,7 +61,7 @@ from data_mapping import (
     clean_topic,
     encode_payload,
 )
-from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter
+from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter, retained_meter_topics
 from mqtt_common import (
     ConnectionReporter,
     Counters,
@@ -116,6 +116,14 @@ def state_directory(config_path: Path, environ: Mapping[str, str]) -> Path:
     if from_systemd:
         return Path(from_systemd.split(":")[0])
     return config_path.resolve().parent / "state"
+
+
+def silence_limits(meters: MeterSettings) -> tuple[Callable[[str], float], float]:
+    """Each meter's silence limit, and the shortest of them (for ``MeterAvailability``)."""
+    shortest = min(silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id))
+                   for meter_id in ("", *meters.devices))  # "" stands for every meter without overrides
+    return (lambda meter_id: silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id)),
+            shortest)
 
 
 def max_power_by_meter(meters: MeterSettings) -> dict[str, float]:
@@ -206,14 +214,7 @@ class Proxy:
             excluded=config.meters.exclude, memory=self.memory, per_phase=per_phase_by_meter(config.meters),
             max_power_kw=config.meters.max_power_kw, max_power_by_meter=max_power_by_meter(config.meters))
         self._guard_warned: dict[str, float] = {}  # meter id → when its last energy warning was logged
-        meters = config.meters
-        self.availability = MeterAvailability(
-            lambda meter_id: silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id)),
-            shortest_limit=min(
-                silence_limit(meters.seconds_interval(meter_id), meters.minutes_interval(meter_id))
-                for meter_id in ("", *meters.devices)  # "" stands for every meter without overrides
-            ),
-        )
+        self.availability = MeterAvailability(*silence_limits(config.meters))
         self.journal = EnergyJournal(state_dir)
         self.queue = OutgoingQueue(config.central_broker.max_queued_messages)
         self.discovery = DiscoveryAnnouncer.from_config(config, self.queue_publish)  # Home Assistant
@@ -315,6 +316,58 @@ class Proxy:
         self._next_trim = now + TRIM_INTERVAL_SECONDS
         self._meters_at_trim = meters
         MALLOC_TRIM(0)
+
+    def apply_config(self, new: Config) -> None:
+        """Take a reloaded configuration into use without a restart and without losing a reading.
+
+        Names, exclusions, per-phase groups, power limits, intervals (silence
+        limits), the Home Assistant settings, the log level and the stats
+        interval apply at once; broker connections and topic names only at
+        the next start (a WARNING says so). Called from the main thread; the
+        network threads see each setting swapped whole.
+        """
+        old = self.config
+        later = config_loader.restart_only_changes(old, new)
+        if later:
+            log.warning("%s changed in the configuration: takes effect when the proxy is next started",
+                        ", ".join(later))
+        config = config_loader.keep_connection_settings(old, new)
+        if config == old:
+            log.info("configuration reloaded: nothing changed that applies while running")
+            return
+        self.config = config
+        meters = config.meters
+        newly_excluded = sorted(meters.exclude - old.meters.exclude)
+        processor = self.processor
+        processor.per_phase = per_phase_by_meter(meters)
+        processor.max_power_kw = meters.max_power_kw
+        processor.max_power_by_meter = max_power_by_meter(meters)
+        processor.excluded = meters.exclude
+        self.availability.set_limits(*silence_limits(meters))
+        for meter_id in newly_excluded:
+            self.availability.forget(meter_id)
+        if config.logging.level != old.logging.level:
+            logging.getLogger().setLevel(config.logging.level)
+        if config.health.stats_interval_seconds != old.health.stats_interval_seconds:
+            self._next_stats = min(self._next_stats, time.monotonic() + config.health.stats_interval_seconds)
+        settings = config.homeassistant
+        old_subscriptions = set(self.discovery.subscriptions)
+        self.discovery.reconfigure(meters, settings.discovery_prefix, enabled=settings.discovery,
+                                   origin_url=settings.origin_url)
+        if not settings.discovery:
+            for meter_id in newly_excluded:  # nothing to remove first in Home Assistant
+                for topic in retained_meter_topics(self.main_topic, meter_id):
+                    self.queue_publish(topic, b"", retain=True)
+        if self._central_connected:
+            stale = old_subscriptions - set(self.discovery.subscriptions)
+            if stale:
+                self.central.unsubscribe(sorted(stale))
+            # Subscribing again makes the broker send the retained configs again: the announcer
+            # removes those no longer wanted (a meter excluded, a group removed), configs first.
+            if self.discovery.subscriptions:
+                self.central.subscribe([(topic, 1) for topic in self.discovery.subscriptions])
+        log.info("configuration reloaded: %s%s", config_loader.describe(config),
+                 f"; excluded now: {', '.join(newly_excluded)}" if newly_excluded else "")
 
     def stats(self, now: float) -> dict[str, object]:
         """The counters as published on ``<main>/bridge/stats``."""
