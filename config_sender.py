@@ -145,12 +145,17 @@ class _ConfigFileTouched:
 
 
 @dataclass(frozen=True)
+class _ReloadRequested:
+    pass
+
+
+@dataclass(frozen=True)
 class _Stop:
     pass
 
 
 _WorkItem = (_CentralSubscribed | _CentralMessage | _InternalSubscribed | _Disconnected | _MeterReply
-             | _Published | _ConfigFileTouched | _Stop)
+             | _Published | _ConfigFileTouched | _ReloadRequested | _Stop)
 
 
 class _ConfigFileHandler(FileSystemEventHandler):
@@ -276,6 +281,14 @@ class ConfigSender:
     def crashed(self) -> bool:
         """The worker died of a bug: the process should exit and be restarted."""
         return self._crashed.is_set()
+
+    def request_reload(self) -> None:
+        """Reload the configuration now, even if the file looks unchanged (SIGHUP, ``systemctl reload``).
+
+        Safe to call from a signal handler: it only puts an item on the
+        worker's ``SimpleQueue`` (reentrant), and the worker does the reload.
+        """
+        self._queue.put(_ReloadRequested())
 
     def wait_ready(self, timeout: float) -> bool:
         """Whether both brokers were connected and subscribed within ``timeout`` seconds."""
@@ -454,6 +467,12 @@ class ConfigSender:
                                    "is back; their timeouts start then", resend)
             case _ConfigFileTouched():
                 self._config_check_due = time.monotonic() + CONFIG_DEBOUNCE_SECONDS
+            case _ReloadRequested():
+                if self._config_path is None:
+                    logger.warning("SIGHUP received, but there is no configuration file to reload")
+                else:
+                    logger.info("SIGHUP received: reloading the configuration from %s", self._config_path)
+                    self._reload_config(force=True)
             case _Stop():
                 self._stopping = True
                 self._stop_requested_at = time.monotonic()
@@ -543,11 +562,11 @@ class ConfigSender:
             return
         logger.error("cannot watch %s: configuration changes need a restart", self._config_path)
 
-    def _reload_config(self) -> None:
-        """Reload after the file's modification time changed; keep the last good configuration if invalid."""
+    def _reload_config(self, force: bool = False) -> None:
+        """Reload after the file changed, or when asked (``force``); keep the last good configuration if invalid."""
         assert self._config_path is not None
         signature = _file_signature(self._config_path)
-        if signature == self._config_signature:
+        if signature == self._config_signature and not force:
             return
         self._config_signature = signature
         if signature is None:
@@ -651,7 +670,10 @@ class ConfigSender:
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run until SIGTERM/SIGINT (exit 0); exit 2 (one line per problem) on an invalid configuration."""
+    """Run until SIGTERM/SIGINT (exit 0); exit 2 (one line per problem) on an invalid configuration.
+
+    SIGHUP reloads the configuration and the daemon goes on running.
+    """
     environ = dict(os.environ) if environ is None else environ
     command_line = parse_command_line(sys.argv[1:] if argv is None else argv, environ,
                                       Path(__file__).resolve().parent,
@@ -659,8 +681,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     config = load_or_exit(command_line, environ)
     setup_logging(config.logging.level, environ)
     stop = threading.Event()
-    install_signal_handlers(stop)
     sender = ConfigSender(config, command_line.config_path, environ=environ, notifier=SystemdNotifier(environ))
+    install_signal_handlers(stop, reload=sender.request_reload)
     sender.start()
     try:
         while not stop.wait(1.0) and not sender.crashed:

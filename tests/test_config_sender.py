@@ -601,3 +601,45 @@ def test_check_config_on_a_good_file_exits_0(tmp_path: Path, internal_broker: Mo
                              "--check-config"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout.startswith(f"{path}: valid")
+
+
+# --- SIGHUP: reload now -------------------------------------------------------------------------
+
+
+def test_sighup_reloads_even_an_unchanged_file_and_keeps_the_last_good_one_when_invalid(
+        internal_broker: Mosquitto, central_broker: Mosquitto, central: Central,
+        fleet: Callable[..., FakeMeters], tmp_path: Path) -> None:
+    """``systemctl reload`` (SIGHUP) re-reads the file and re-sends; the daemon goes on running."""
+    meters = fleet(**{OFFICE: "ack"})
+    path = write_config(tmp_path / "config.yaml", internal_broker, central_broker, ack_timeout_seconds=1)
+    log_path = tmp_path / "stdout.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, str(ROOT / "config_sender.py"), "--config", str(path)],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: "ready: subscribed on both brokers" in log_path.read_text(), timeout=10)
+        central.online(OFFICE)
+        wait_for(lambda: log_path.read_text().count(f"meter {OFFICE} acknowledged") == 2, timeout=5)
+
+        process.send_signal(signal.SIGHUP)  # the file is unchanged: reloaded and re-sent all the same
+        wait_for(lambda: log_path.read_text().count(f"meter {OFFICE} acknowledged") == 4, timeout=5)
+        assert process.poll() is None
+        assert "SIGHUP received: reloading the configuration" in log_path.read_text()
+        assert len(meters.commands(OFFICE)) == 4
+
+        path.write_text("meters: {upload_frequency_seconds: 61}\n")  # invalid: noticed by the watcher
+        wait_for(lambda: log_path.read_text().count("keeping the last good configuration") == 1, timeout=5)
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: log_path.read_text().count("keeping the last good configuration") == 2, timeout=5)
+        assert process.poll() is None
+        assert len(meters.commands(OFFICE)) == 4
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log_path.read_text()
+    assert "meters.upload_frequency_seconds: 61 is not allowed" in output
+    assert "Traceback" not in output
