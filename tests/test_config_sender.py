@@ -464,6 +464,42 @@ def test_changed_broker_settings_are_a_warning_and_wait_for_a_restart(
     assert sender.config.central_broker.keepalive_seconds == 60
 
 
+def test_symlinked_config_is_reloaded_when_the_target_is_edited_and_when_the_link_is_repointed(
+        start_sender: Callable[..., ConfigSender], central: Central, fleet: Callable[..., FakeMeters],
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, internal_broker: Mosquitto,
+        central_broker: Mosquitto) -> None:
+    """config.yaml -> a/site-a.yaml; then ``ln -sfn b/site-b.yaml config.yaml``: both kinds of change count."""
+    meters = fleet(**{OFFICE: "ack"})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    target_a = write_config(tmp_path / "a" / "site-a.yaml", internal_broker, central_broker, ack_timeout_seconds=1)
+    target_b = write_config(tmp_path / "b" / "site-b.yaml", internal_broker, central_broker, ack_timeout_seconds=1,
+                            upload_frequency_seconds=1800)
+    link = tmp_path / "config.yaml"
+    link.symlink_to("a/site-a.yaml")
+    sender = start_sender()
+    central.online(OFFICE)
+    wait_for(lambda: sender.counters()["acked"] == 2, timeout=5)
+
+    def sent(value: str) -> list[ReceivedCommand]:
+        return [c for c in meters.commands(OFFICE) if c.payload.get("Cmd") == "0000" and c.payload["value"] == value]
+
+    write_config(target_a, internal_broker, central_broker, ack_timeout_seconds=1, upload_frequency_seconds=900)
+    wait_for(lambda: sent("900"), timeout=2)
+
+    repointed = tmp_path / ".config.yaml.new"  # what `ln -sfn` does: a new link renamed over the old one
+    repointed.symlink_to("b/site-b.yaml")
+    os.replace(repointed, link)
+    wait_for(lambda: sent("1800"), timeout=2)
+
+    write_config(target_a, internal_broker, central_broker, ack_timeout_seconds=1, upload_frequency_seconds=300)
+    write_config(target_b, internal_broker, central_broker, ack_timeout_seconds=1, upload_frequency_seconds=3600)
+    wait_for(lambda: sent("3600"), timeout=2)
+    wait_for(lambda: sender.counters()["pending"] == 0, timeout=5)
+    assert sent("300") == []  # the old target is no longer the configuration
+    assert sender.config.meters.upload_frequency_seconds == 3600
+
+
 # --- the meter clock ---------------------------------------------------------------------------
 
 
