@@ -679,3 +679,51 @@ def test_sighup_reloads_even_an_unchanged_file_and_keeps_the_last_good_one_when_
     output = log_path.read_text()
     assert "meters.upload_frequency_seconds: 61 is not allowed" in output
     assert "Traceback" not in output
+
+
+# --- a file that is not a configuration -------------------------------------------------------
+
+
+def test_truncated_config_keeps_the_last_good_one_and_sends_nothing_not_even_to_excluded_meters(
+        start_sender: Callable[..., ConfigSender], central: Central, fleet: Callable[..., FakeMeters],
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, internal_broker: Mosquitto,
+        central_broker: Mosquitto) -> None:
+    meters = fleet(**{OFFICE: "ack", EXCLUDED: "ack"})
+    sender = start_sender(ack_timeout_seconds=1, upload_frequency_seconds=300, exclude=[EXCLUDED])
+    central.online(OFFICE, EXCLUDED)
+    wait_for(lambda: sender.counters()["acked"] == 2, timeout=5)
+    path = tmp_path / "config.yaml"
+
+    path.write_text("")  # truncated, e.g. by a full disk or `> config.yaml`
+    wait_for(lambda: sender_records(caplog, logging.ERROR, "keeping the last good configuration"), timeout=3)
+    assert sender_records(caplog, logging.ERROR, f"invalid configuration {path}: {path}: the file is empty")
+
+    path.write_text("internal_broker:\n  port: 1\n")  # no central broker
+    wait_for(lambda: len(sender_records(caplog, logging.ERROR, "keeping the last good configuration")) == 2,
+             timeout=3)
+    assert sender_records(caplog, logging.ERROR, "central_broker.host: missing; required")
+
+    assert sender.config.meters.exclude == {EXCLUDED}
+    assert sender.config.meters.upload_frequency_seconds == 300
+    assert meters.commands(EXCLUDED) == []
+    assert len(meters.commands(OFFICE)) == 2
+    # A later valid file applies again.
+    write_config(path, internal_broker, central_broker, ack_timeout_seconds=1, upload_frequency_seconds=600,
+                 exclude=[EXCLUDED])
+    wait_for(lambda: [c for c in meters.commands(OFFICE) if c.payload.get("value") == "600"], timeout=2)
+    assert meters.commands(EXCLUDED) == []
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("", "the file is empty"),
+    ("internal_broker:\n", "central_broker.host: missing; required"),
+])
+def test_check_config_on_an_empty_file_or_one_without_the_central_broker_exits_2(
+        tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    result = subprocess.run([sys.executable, str(ROOT / "config_sender.py"), "--config", str(path),
+                             "--check-config"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "valid (" not in result.stdout
+    assert problem in result.stderr
