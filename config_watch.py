@@ -12,10 +12,13 @@ A watcher that filters on the name it was given sees only the first kind. So
 :class:`ConfigWatcher` watches the directory of the path given *and* the
 directory of every link on the way to the file, re-resolving the chain after
 each change (a re-pointed link moves the watch to the new target's
-directory), and decides by the file's signature, not by event names: the
-resolved target, the links' contents, and the target's modification time,
+directory). Only events about those names (each link, each directory link on
+the way, the target) lead to a check, so a busy directory (a log file beside
+the configuration) costs nothing. The check decides by the file's signature:
+the resolved target, the links' contents, and the target's modification time,
 inode, device and size. Events come in bursts (an editor writes in several
-steps), so a check runs once things have been quiet for ``debounce`` seconds;
+steps), so a check runs once things have been quiet for ``debounce`` seconds,
+or at the latest ``MAX_DELAY_FACTOR`` debounces after the first event;
 ``on_change`` is called only when the signature differs from the last one.
 
 ``on_change`` runs on the watcher's own thread: it must only hand the work
@@ -44,6 +47,8 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 DEBOUNCE_SECONDS = 0.2
+# A steady stream of events must not postpone the check for ever.
+MAX_DELAY_FACTOR = 5
 # More links than this in a chain is a loop (the kernel's own limit is 40).
 MAX_LINKS = 40
 # Events that cannot change the file: reading the configuration opens and closes it.
@@ -105,14 +110,40 @@ def directories_to_watch(path: Path) -> frozenset[str]:
     return frozenset(os.path.realpath(d) for d in candidates if os.path.isdir(d))
 
 
+def names_that_matter(path: Path, directories: Iterable[str]) -> frozenset[str]:
+    """The entries of the watched ``directories`` whose change can change what ``path`` is.
+
+    Each link of the chain and the target, and every directory on their way
+    that lies in a watched directory (a directory link such as Kubernetes'
+    ``..data``), named as the events name them: watched directory + entry.
+    """
+    watched = set(directories)
+    names: set[str] = set()
+    hops = link_chain(path)
+    with contextlib.suppress(OSError, RuntimeError):
+        hops.append(Path(os.path.realpath(path)))
+    for hop in hops:
+        for entry in (hop, *hop.parents):
+            if entry.name:
+                parent = os.path.realpath(entry.parent)
+                if parent in watched:
+                    names.add(os.path.join(parent, entry.name))
+    return frozenset(names)
+
+
 class _Touched(FileSystemEventHandler):
-    """Tells the watcher that something happened in a watched directory."""
+    """Tells the watcher that something happened to one of the names that matter."""
 
     def __init__(self, touched: Callable[[], None]) -> None:
         self.touched = touched
+        self.names: frozenset[str] = frozenset()  # replaced whole by the watcher's thread
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in _HARMLESS_EVENTS:
+        if event.event_type in _HARMLESS_EVENTS:
+            return
+        names = self.names
+        paths = (event.src_path, getattr(event, "dest_path", ""))
+        if any(path and os.fsdecode(path) in names for path in paths):
             self.touched()
 
 
@@ -138,6 +169,7 @@ class ConfigWatcher:
         self._handler = _Touched(self._touched)
         self._condition = threading.Condition()
         self._touched_at: float | None = None
+        self._first_touched_at: float | None = None
         self._stopping = False
         self._observer: BaseObserver | None = None
         self._watches: dict[str, ObservedWatch] = {}
@@ -156,6 +188,7 @@ class ConfigWatcher:
     def start(self) -> bool:
         """Start watching; False (and an ERROR) when no observer works: then only SIGHUP or a restart reloads."""
         directories = directories_to_watch(self.path)
+        self._handler.names = names_that_matter(self.path, directories)
         for observer_type in self._observer_types:
             observer = observer_type()
             try:
@@ -204,22 +237,27 @@ class ConfigWatcher:
         """On an observer thread: note the time; the watcher's thread does the rest."""
         with self._condition:
             self._touched_at = time.monotonic()
+            if self._first_touched_at is None:
+                self._first_touched_at = self._touched_at
             self._condition.notify_all()
 
     def _run(self) -> None:
-        """Wait for events, let them settle for ``debounce`` seconds, check."""
+        """Wait for events, let them settle for ``debounce`` seconds (not much longer), check."""
         while True:
             with self._condition:
                 while not self._stopping and self._touched_at is None:
                     self._condition.wait()
-                while not self._stopping and self._touched_at is not None:
-                    remaining = self._touched_at + self._debounce - time.monotonic()
+                while not self._stopping and self._touched_at is not None and self._first_touched_at is not None:
+                    due = min(self._touched_at + self._debounce,
+                              self._first_touched_at + MAX_DELAY_FACTOR * self._debounce)
+                    remaining = due - time.monotonic()
                     if remaining <= 0:
                         break
                     self._condition.wait(remaining)
                 if self._stopping:
                     return
                 self._touched_at = None
+                self._first_touched_at = None
             try:
                 self.check()
             except Exception:
@@ -232,6 +270,7 @@ class ConfigWatcher:
         if observer is None:
             return
         wanted = directories_to_watch(self.path)
+        self._handler.names = names_that_matter(self.path, wanted)
         for directory in sorted(self._watches.keys() - wanted):
             with contextlib.suppress(KeyError, OSError):
                 observer.unschedule(self._watches[directory])

@@ -79,6 +79,9 @@ def setup_logging(level: str, environ: Mapping[str, str]) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("paho").setLevel(logging.WARNING)
+    # watchdog logs every file event at DEBUG: noise, and a loop when the log
+    # file lies in the configuration's directory (each line is an event).
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
 class RateLimitedLog:

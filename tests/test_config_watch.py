@@ -17,7 +17,7 @@ import pytest
 from broker import wait_for
 from watchdog.observers.polling import PollingObserver
 
-from config_watch import ConfigWatcher, directories_to_watch, file_signature, link_chain
+from config_watch import ConfigWatcher, directories_to_watch, file_signature, link_chain, names_that_matter
 
 
 class Notices:
@@ -189,3 +189,61 @@ def test_no_working_observer_is_reported_and_start_returns_false(tmp_path: Path)
     assert not watcher.start()
     assert watcher.observer_name is None
     watcher.stop()
+
+
+def write_until(path: Path, stop: threading.Event, limit: float = 10.0) -> threading.Thread:
+    """Append to ``path`` every 20 ms until ``stop`` is set (or ``limit`` seconds passed)."""
+
+    def run() -> None:
+        with path.open("a") as file:
+            while not stop.wait(0.02):
+                file.write("x\n")
+                file.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    threading.Timer(limit, stop.set).start()
+    return thread
+
+
+def test_a_busy_file_beside_the_configuration_neither_delays_nor_triggers_checks(
+        tmp_path: Path, watch: Watch) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("a: 1\n")
+    stop = threading.Event()
+    writer = write_until(tmp_path / "daemon.log", stop)  # a log file in the same directory
+    try:
+        watcher, notices = watch(path)
+        assert str(tmp_path / "daemon.log") not in watcher._handler.names
+        path.write_text("a: 2\n")
+        wait_for(lambda: notices.reached(1), timeout=3)
+    finally:
+        stop.set()
+        writer.join()
+
+
+def test_a_configuration_written_without_pause_is_still_checked_within_a_second_or_so(
+        tmp_path: Path, watch: Watch) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("a: 1\n")
+    _watcher, notices = watch(path)
+    stop = threading.Event()
+    writer = write_until(path, stop)
+    try:
+        wait_for(lambda: notices.reached(1), timeout=3)
+        assert not stop.is_set()  # noticed while the writes went on
+    finally:
+        stop.set()
+        writer.join()
+
+
+def test_names_that_matter_are_the_links_the_target_and_directory_links_on_the_way(tmp_path: Path) -> None:
+    (tmp_path / "..v1").mkdir()
+    (tmp_path / "..v1" / "config.yaml").write_text("a: 1\n")
+    (tmp_path / "..data").symlink_to("..v1")
+    (tmp_path / "config.yaml").symlink_to("..data/config.yaml")
+    directories = directories_to_watch(tmp_path / "config.yaml")
+    assert directories == {str(tmp_path), str(tmp_path / "..v1")}
+    assert names_that_matter(tmp_path / "config.yaml", directories) == {
+        str(tmp_path / "config.yaml"), str(tmp_path / "..data"), str(tmp_path / "..v1"),
+        str(tmp_path / "..v1" / "config.yaml")}
