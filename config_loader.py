@@ -197,17 +197,23 @@ class _Invalid(Exception):
 
 
 class _Section:
-    """A mapping being read: remembers which keys were used, collects problems."""
+    """A mapping being read: remembers which keys were used, collects problems.
 
-    def __init__(self, data: object, path: str, problems: list[str]) -> None:
+    ``readable`` is False when this mapping, or one it lies in, was not a
+    mapping at all: that one problem is reported, not every key missing below it.
+    """
+
+    def __init__(self, data: object, path: str, problems: list[str], readable: bool = True) -> None:
         self.path = path
         self.problems = problems
         self.used: set[str] = set()
+        self.readable = readable
         if data is None:
             data = {}
         if not isinstance(data, dict):
             problems.append(f"{path or 'the document'}: {_show(data)} is not allowed; expected a mapping of keys")
             data = {}
+            self.readable = False
         self.data: dict[Any, Any] = data
 
     def key_path(self, key: str) -> str:
@@ -231,7 +237,12 @@ class _Section:
 
     def section(self, key: str) -> _Section:
         self.used.add(key)
-        return _Section(self.data.get(key), self.key_path(key), self.problems)
+        return _Section(self.data.get(key), self.key_path(key), self.problems, self.readable)
+
+    def require(self, key: str, what: str) -> None:
+        """Report ``key`` when absent (or null): a default would silently mean something else."""
+        if self.readable and self.data.get(key) is None:
+            self.problems.append(f"{self.key_path(key)}: missing; required: {what}")
 
     def finish(self) -> None:
         """Report every key that nothing asked for: almost always a typo."""
@@ -402,7 +413,10 @@ def _read_tls(section: _Section) -> TlsSettings | None:
 
 
 def _read_broker(section: _Section, default: BrokerSettings, env_prefix: str,
-                 environ: Mapping[str, str], queued: bool = False) -> BrokerSettings:
+                 environ: Mapping[str, str], queued: bool = False, host_required: str | None = None) -> BrokerSettings:
+    """One broker section; ``host_required`` (what the host is) makes the host a key the file must set."""
+    if host_required is not None:
+        section.require("host", host_required)
     username = section.get("username", _optional_text, None)
     password = section.get("password", _optional_text, None, secret=True)
     settings = BrokerSettings(
@@ -490,8 +504,10 @@ def parse_config(raw: object, environ: Mapping[str, str]) -> Config:
     config = Config(
         internal_broker=_read_broker(root.section("internal_broker"), defaults.internal_broker,
                                      "KPM33B_INTERNAL", environ),
+        # No default: an empty or cut-off file must not silently mean "the broker on this machine".
         central_broker=_read_broker(root.section("central_broker"), defaults.central_broker,
-                                    "KPM33B_CENTRAL", environ, queued=True),
+                                    "KPM33B_CENTRAL", environ, queued=True,
+                                    host_required="the IPv4/IPv6 address or host name of the central broker"),
         internal_broker_topics=_read_topics(root.section("internal_broker_topics"), InternalTopics(),
                                             _topic_prefix),
         central_broker_topics=_read_topics(root.section("central_broker_topics"), CentralTopics(),
@@ -513,6 +529,9 @@ def load_config(path: Path, environ: Mapping[str, str]) -> Config:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([f"{path}: cannot be read ({error})"]) from None
+    if not text.strip():
+        # Truncated (a full disk, `> config.yaml`, an editor caught half-way): never the defaults.
+        raise ConfigError([f"{path}: the file is empty"])
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

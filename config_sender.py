@@ -13,9 +13,9 @@ around it:
 - paho's callbacks never wait: they put an event on a queue and return. One
   worker thread owns the tracker, takes events off the queue, sleeps until the
   next reply deadline (one heap, not one timer per command) and publishes;
-- a watchdog observer on the configuration file's directory (editors replace
-  files by renaming) tells the worker, which debounces, reloads, and pushes
-  the new values to every known meter, or keeps the last good configuration.
+- a ``config_watch.ConfigWatcher`` on the configuration file (symlinks
+  followed) and SIGHUP tell the worker, which reloads and pushes the new
+  values to the meters online now, or keeps the last good configuration.
 
 See doc/configuration_flow.md for what each log line means.
 """
@@ -31,17 +31,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
 
 from command_tracking import (
     AVAILABILITY,
@@ -68,6 +64,7 @@ from command_tracking import (
     parse_reading_time,
 )
 from config_loader import Config, ConfigError, describe, load_config, load_or_exit, parse_command_line
+from config_watch import ConfigWatcher, file_signature
 from mqtt_common import (
     ALERT,
     ConnectionReporter,
@@ -91,8 +88,6 @@ PUBLISH_WINDOW = 100
 HEARTBEAT_SECONDS = 1.0
 # A worker that has not looped for this long is stuck: the watchdog lets systemd restart us.
 HEALTHY_HEARTBEAT_AGE = 15.0
-# Editors write a file in several steps; wait for the writes to settle.
-CONFIG_DEBOUNCE_SECONDS = 0.2
 # Wake a hair after a deadline rather than a hair before it, so that an alert
 # is never logged before the full timeout has passed by anyone's clock.
 DEADLINE_MARGIN = 0.005
@@ -143,7 +138,12 @@ class _Published:
 
 
 @dataclass(frozen=True)
-class _ConfigFileTouched:
+class _ConfigFileChanged:
+    pass
+
+
+@dataclass(frozen=True)
+class _ReloadRequested:
     pass
 
 
@@ -153,7 +153,7 @@ class _Stop:
 
 
 _WorkItem = (_CentralSubscribed | _CentralMessage | _InternalSubscribed | _Disconnected | _MeterReply
-             | _Published | _ConfigFileTouched | _Stop)
+             | _Published | _ConfigFileChanged | _ReloadRequested | _Stop)
 
 
 class _InFlight(NamedTuple):
@@ -162,28 +162,6 @@ class _InFlight(NamedTuple):
     handed_at: float  # monotonic
     command: Command
     topic: str
-
-
-class _ConfigFileHandler(FileSystemEventHandler):
-    """Passes on events about one file name in the watched directory, moves onto it included."""
-
-    def __init__(self, file_name: str, notify: Callable[[], None]) -> None:
-        self.file_name = file_name
-        self.notify = notify
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        paths = [event.src_path, getattr(event, "dest_path", "")]
-        if any(path and os.path.basename(os.fsdecode(path)) == self.file_name for path in paths):
-            self.notify()
-
-
-def _file_signature(path: Path) -> tuple[int, int, int] | None:
-    """What tells a changed file apart: its modification time (and inode and size, for renames)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -231,13 +209,14 @@ class ConfigSender:
         self._stopping = False
         self._stop_requested_at: float | None = None
         self._heartbeat = time.monotonic()
-        self._config_check_due: float | None = None
         self._status_due = 0.0
         self._started_at = time.monotonic()
         self._stats_due = self._started_at + config.health.stats_interval_seconds
         self._stats_topic = f"{config.central_broker_topics.external_main_topic}/bridge/config_sender/stats"
-        self._config_signature = _file_signature(config_path) if config_path else None
-        self._observer: BaseObserver | None = None
+        # The signature of the file last loaded: a change notice for the same file is not a change.
+        self._config_signature = file_signature(config_path) if config_path else None
+        self._watcher = (ConfigWatcher(config_path, lambda: self._queue.put(_ConfigFileChanged()), log=logger)
+                         if config_path else None)
         self._worker = threading.Thread(target=self._run, name="config-sender-worker", daemon=True)
         self._started = False
 
@@ -253,7 +232,8 @@ class ConfigSender:
         logger.info("config_sender starting: %s", describe(self._config))
         self._started = True
         self._worker.start()
-        self._start_watching()
+        if self._watcher is not None:
+            self._watcher.start()
         connect_in_background(self._internal, self._config.internal_broker)
         connect_in_background(self._central, self._config.central_broker)
         if self._notifier is not None:
@@ -266,12 +246,10 @@ class ConfigSender:
         self._started = False
         if self._notifier is not None:
             self._notifier.stopping()
-        if self._observer is not None:
-            self._observer.stop()
+        if self._watcher is not None:
+            self._watcher.stop(timeout)
         self._queue.put(_Stop())
         self._worker.join(timeout)
-        if self._observer is not None:
-            self._observer.join(timeout)
         with self._lock:
             stats = self._publish_stats(time.monotonic())
         if stats is not None:
@@ -289,6 +267,14 @@ class ConfigSender:
     def crashed(self) -> bool:
         """The worker died of a bug: the process should exit and be restarted."""
         return self._crashed.is_set()
+
+    def request_reload(self) -> None:
+        """Reload the configuration now, even if the file looks unchanged (SIGHUP, ``systemctl reload``).
+
+        Safe to call from a signal handler: it only puts an item on the
+        worker's ``SimpleQueue`` (reentrant), and the worker does the reload.
+        """
+        self._queue.put(_ReloadRequested())
 
     def wait_ready(self, timeout: float) -> bool:
         """Whether both brokers were connected and subscribed within ``timeout`` seconds."""
@@ -436,8 +422,6 @@ class ConfigSender:
             next_wakeup = self._tracker.next_wakeup()
         if next_wakeup is not None:
             wakeups.append(next_wakeup + DEADLINE_MARGIN)
-        if self._config_check_due is not None:
-            wakeups.append(self._config_check_due)
         if self._stopping:
             wakeups.append(now + 0.05)
         return max(0.0, min(wakeups) - now)
@@ -475,8 +459,14 @@ class ConfigSender:
                 if resend:
                     logger.warning("%d commands awaiting replies will be sent again when the internal broker "
                                    "is back; their timeouts start then", resend)
-            case _ConfigFileTouched():
-                self._config_check_due = time.monotonic() + CONFIG_DEBOUNCE_SECONDS
+            case _ConfigFileChanged():
+                self._reload_config()
+            case _ReloadRequested():
+                if self._config_path is None:
+                    logger.warning("SIGHUP received, but there is no configuration file to reload")
+                else:
+                    logger.info("SIGHUP received: reloading the configuration from %s", self._config_path)
+                    self._reload_config(force=True)
             case _Stop():
                 self._stopping = True
                 self._stop_requested_at = time.monotonic()
@@ -520,9 +510,6 @@ class ConfigSender:
     def _after_events(self, now: float) -> None:
         for event in self._tracker.tick(now):
             self._log_event(event)
-        if self._config_check_due is not None and time.monotonic() >= self._config_check_due:
-            self._config_check_due = None
-            self._reload_config()
         self._publish_due()
         if now >= self._stats_due:
             self._stats_due = now + self._config.health.stats_interval_seconds
@@ -557,29 +544,11 @@ class ConfigSender:
 
     # --- configuration reload -----------------------------------------------------------
 
-    def _start_watching(self) -> None:
-        if self._config_path is None:
-            return
-        directory = self._config_path.resolve().parent
-        handler = _ConfigFileHandler(self._config_path.name, lambda: self._queue.put(_ConfigFileTouched()))
-        for observer_type in (Observer, PollingObserver):
-            observer = observer_type()
-            try:
-                observer.schedule(handler, str(directory), recursive=False)
-                observer.start()
-            except OSError as error:
-                logger.warning("cannot watch %s with %s (%s)", directory, observer_type.__name__, error)
-                continue
-            self._observer = observer
-            logger.info("watching %s for changes", self._config_path)
-            return
-        logger.error("cannot watch %s: configuration changes need a restart", self._config_path)
-
-    def _reload_config(self) -> None:
-        """Reload after the file's modification time changed; keep the last good configuration if invalid."""
+    def _reload_config(self, force: bool = False) -> None:
+        """Reload after the file changed, or when asked (``force``); keep the last good configuration if invalid."""
         assert self._config_path is not None
-        signature = _file_signature(self._config_path)
-        if signature == self._config_signature:
+        signature = file_signature(self._config_path)
+        if signature == self._config_signature and not force:
             return
         self._config_signature = signature
         if signature is None:
@@ -683,7 +652,10 @@ class ConfigSender:
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run until SIGTERM/SIGINT (exit 0); exit 2 (one line per problem) on an invalid configuration."""
+    """Run until SIGTERM/SIGINT (exit 0); exit 2 (one line per problem) on an invalid configuration.
+
+    SIGHUP reloads the configuration and the daemon goes on running.
+    """
     environ = dict(os.environ) if environ is None else environ
     command_line = parse_command_line(sys.argv[1:] if argv is None else argv, environ,
                                       Path(__file__).resolve().parent,
@@ -691,8 +663,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     config = load_or_exit(command_line, environ)
     setup_logging(config.logging.level, environ)
     stop = threading.Event()
-    install_signal_handlers(stop)
     sender = ConfigSender(config, command_line.config_path, environ=environ, notifier=SystemdNotifier(environ))
+    install_signal_handlers(stop, reload=sender.request_reload)
     sender.start()
     try:
         while not stop.wait(1.0) and not sender.crashed:

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -80,6 +80,9 @@ def setup_logging(level: str, environ: Mapping[str, str]) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("paho").setLevel(logging.WARNING)
+    # watchdog logs every file event at DEBUG: noise, and a loop when the log
+    # file lies in the configuration's directory (each line is an event).
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
 class RateLimitedLog:
@@ -361,12 +364,29 @@ def network_thread_alive(client: mqtt.Client) -> bool:
     return thread is not None and thread.is_alive()
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT set ``stop``; the main loop finishes and exits 0."""
+def install_signal_handlers(stop: threading.Event, reload: Callable[[], None] | None = None) -> None:
+    """SIGTERM and SIGINT set ``stop``; the main loop finishes and exits 0. SIGHUP never kills.
+
+    ``systemctl reload`` sends SIGHUP, and its default action (terminate) is
+    an exit systemd's ``Restart=on-failure`` takes for clean. With ``reload``,
+    SIGHUP calls it; without, SIGHUP is logged and ignored. ``reload`` runs in
+    the signal handler, on the main thread between two bytecodes, perhaps
+    while that thread holds a lock: it must only hand the work over (set an
+    event, put on a ``queue.SimpleQueue``) and return, never reload itself.
+    """
+    log = logging.getLogger("signal")
 
     def handle(signum: int, _frame: object) -> None:
-        logging.getLogger("signal").info("%s received, shutting down", signal.Signals(signum).name)
+        log.info("%s received, shutting down", signal.Signals(signum).name)
         stop.set()
+
+    def handle_hangup(_signum: int, _frame: object) -> None:
+        if reload is None:
+            log.warning("SIGHUP received: this daemon reads its configuration at start-up only; "
+                        "restart it to apply changes")
+            return
+        reload()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGHUP, handle_hangup)

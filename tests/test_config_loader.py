@@ -41,9 +41,27 @@ ROOT_KNOWN = ", ".join(sorted(Config.__dataclass_fields__))
 DEVICE_KNOWN = ", ".join(sorted(DeviceSettings.__dataclass_fields__))
 
 
+def with_central_host(document: object) -> object:
+    """The document with ``central_broker.host`` (required) added, unless it sets one or is no mapping.
+
+    Most tests here are about other keys: this keeps their documents minimal.
+    The tests of the required key itself read files, which get nothing added.
+    """
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        return document
+    central = document.get("central_broker")
+    if central is None:
+        return {**document, "central_broker": {"host": "127.0.0.1"}}
+    if isinstance(central, dict) and "host" not in central:
+        return {**document, "central_broker": {"host": "127.0.0.1", **central}}
+    return document
+
+
 def parse(text: str, environ: dict[str, str] | None = None) -> Config:
-    """Parse YAML text as config_loader would after reading the file."""
-    return parse_config(yaml.safe_load(textwrap.dedent(text)), environ or {})
+    """Parse YAML text as config_loader would after reading the file (central_broker.host added)."""
+    return parse_config(with_central_host(yaml.safe_load(textwrap.dedent(text))), environ or {})
 
 
 def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
@@ -62,8 +80,8 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
 # --- defaults ------------------------------------------------------------------------
 
 
-def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, ""), {})
+def test_file_with_only_the_central_broker_host_gives_the_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "central_broker: {host: 127.0.0.1}\n"), {})
 
     assert config == Config()
     assert config == Config(
@@ -78,10 +96,6 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
                              exclude=frozenset(), devices=MappingProxyType({})),
         logging=LoggingSettings(level="INFO"),
     )
-
-
-def test_document_of_only_comments_gives_the_defaults() -> None:
-    assert parse("# nothing configured yet\n") == Config()
 
 
 def test_empty_sections_give_the_defaults() -> None:
@@ -153,6 +167,40 @@ def test_full_configuration_is_read_into_frozen_settings(tmp_path: Path) -> None
         config.central_broker.port = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.meters.devices["33B1225950099"] = DeviceSettings()  # type: ignore[index]
+
+
+# --- what must be there ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "\n", "   \n\n"])
+def test_empty_file_is_a_problem(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+
+    with pytest.raises(ConfigError) as error:
+        load_config(path, {})
+
+    assert error.value.problems == (f"{path}: the file is empty",)
+
+
+@pytest.mark.parametrize("text", ["internal_broker:\n", "# nothing configured yet\n",
+                                  "central_broker: {port: 1883}\n", "central_broker:\n"])
+def test_file_without_the_central_broker_host_is_a_problem_naming_that_key(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), {})
+
+    assert error.value.problems == (
+        "central_broker.host: missing; required: the IPv4/IPv6 address or host name of the central broker",)
+
+
+def test_check_config_of_an_empty_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "")
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_or_exit(CommandLine(config_path=path, check_only=True), {})
+
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"Invalid configuration {path}:", f"  {path}: the file is empty"]
 
 
 # --- validation of single values -----------------------------------------------------
@@ -691,7 +739,7 @@ def test_unknown_option_exits_with_usage(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_check_config_of_a_valid_file_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, "central_broker: {port: 1884}\n")
+    path = write(tmp_path, "central_broker: {host: 127.0.0.1, port: 1884}\n")
 
     with pytest.raises(SystemExit) as exit_info:
         load_or_exit(CommandLine(config_path=path, check_only=True), {})
@@ -708,7 +756,8 @@ def test_check_config_of_a_valid_file_exits_0(tmp_path: Path, capsys: pytest.Cap
 def test_check_config_of_an_invalid_file_exits_2_with_one_line_per_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    path = write(tmp_path, "central_broker: {port: 0}\nmeters: {upload_frequency_seconds: 45}\nfoo: 1\n")
+    path = write(tmp_path, "central_broker: {host: 127.0.0.1, port: 0}\nmeters: {upload_frequency_seconds: 45}\n"
+                           "foo: 1\n")
 
     with pytest.raises(SystemExit) as exit_info:
         load_or_exit(CommandLine(config_path=path, check_only=True), {})
@@ -752,7 +801,7 @@ def test_start_up_with_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_start_up_with_a_valid_file_returns_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, "logging: {level: warning}\n")
+    path = write(tmp_path, "central_broker: {host: 127.0.0.1}\nlogging: {level: warning}\n")
 
     config = load_or_exit(CommandLine(config_path=path, check_only=False), {"KPM33B_CENTRAL_USERNAME": "ha"})
 

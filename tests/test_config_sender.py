@@ -464,6 +464,42 @@ def test_changed_broker_settings_are_a_warning_and_wait_for_a_restart(
     assert sender.config.central_broker.keepalive_seconds == 60
 
 
+def test_symlinked_config_is_reloaded_when_the_target_is_edited_and_when_the_link_is_repointed(
+        start_sender: Callable[..., ConfigSender], central: Central, fleet: Callable[..., FakeMeters],
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, internal_broker: Mosquitto,
+        central_broker: Mosquitto) -> None:
+    """config.yaml -> a/site-a.yaml; then ``ln -sfn b/site-b.yaml config.yaml``: both kinds of change count."""
+    meters = fleet(**{OFFICE: "ack"})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    target_a = write_config(tmp_path / "a" / "site-a.yaml", internal_broker, central_broker, ack_timeout_seconds=1)
+    target_b = write_config(tmp_path / "b" / "site-b.yaml", internal_broker, central_broker, ack_timeout_seconds=1,
+                            upload_frequency_seconds=1800)
+    link = tmp_path / "config.yaml"
+    link.symlink_to("a/site-a.yaml")
+    sender = start_sender()
+    central.online(OFFICE)
+    wait_for(lambda: sender.counters()["acked"] == 2, timeout=5)
+
+    def sent(value: str) -> list[ReceivedCommand]:
+        return [c for c in meters.commands(OFFICE) if c.payload.get("Cmd") == "0000" and c.payload["value"] == value]
+
+    write_config(target_a, internal_broker, central_broker, ack_timeout_seconds=1, upload_frequency_seconds=900)
+    wait_for(lambda: sent("900"), timeout=2)
+
+    repointed = tmp_path / ".config.yaml.new"  # what `ln -sfn` does: a new link renamed over the old one
+    repointed.symlink_to("b/site-b.yaml")
+    os.replace(repointed, link)
+    wait_for(lambda: sent("1800"), timeout=2)
+
+    write_config(target_a, internal_broker, central_broker, ack_timeout_seconds=1, upload_frequency_seconds=300)
+    write_config(target_b, internal_broker, central_broker, ack_timeout_seconds=1, upload_frequency_seconds=3600)
+    wait_for(lambda: sent("3600"), timeout=2)
+    wait_for(lambda: sender.counters()["pending"] == 0, timeout=5)
+    assert sent("300") == []  # the old target is no longer the configuration
+    assert sender.config.meters.upload_frequency_seconds == 3600
+
+
 # --- the meter clock ---------------------------------------------------------------------------
 
 
@@ -601,3 +637,93 @@ def test_check_config_on_a_good_file_exits_0(tmp_path: Path, internal_broker: Mo
                              "--check-config"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout.startswith(f"{path}: valid")
+
+
+# --- SIGHUP: reload now -------------------------------------------------------------------------
+
+
+def test_sighup_reloads_even_an_unchanged_file_and_keeps_the_last_good_one_when_invalid(
+        internal_broker: Mosquitto, central_broker: Mosquitto, central: Central,
+        fleet: Callable[..., FakeMeters], tmp_path: Path) -> None:
+    """``systemctl reload`` (SIGHUP) re-reads the file and re-sends; the daemon goes on running."""
+    meters = fleet(**{OFFICE: "ack"})
+    path = write_config(tmp_path / "config.yaml", internal_broker, central_broker, ack_timeout_seconds=1)
+    log_path = tmp_path / "stdout.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, str(ROOT / "config_sender.py"), "--config", str(path)],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: "ready: subscribed on both brokers" in log_path.read_text(), timeout=10)
+        central.online(OFFICE)
+        wait_for(lambda: log_path.read_text().count(f"meter {OFFICE} acknowledged") == 2, timeout=5)
+
+        process.send_signal(signal.SIGHUP)  # the file is unchanged: reloaded and re-sent all the same
+        wait_for(lambda: log_path.read_text().count(f"meter {OFFICE} acknowledged") == 4, timeout=5)
+        assert process.poll() is None
+        assert "SIGHUP received: reloading the configuration" in log_path.read_text()
+        assert len(meters.commands(OFFICE)) == 4
+
+        path.write_text("meters: {upload_frequency_seconds: 61}\n")  # invalid: noticed by the watcher
+        wait_for(lambda: log_path.read_text().count("keeping the last good configuration") == 1, timeout=5)
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: log_path.read_text().count("keeping the last good configuration") == 2, timeout=5)
+        assert process.poll() is None
+        assert len(meters.commands(OFFICE)) == 4
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log_path.read_text()
+    assert "meters.upload_frequency_seconds: 61 is not allowed" in output
+    assert "Traceback" not in output
+
+
+# --- a file that is not a configuration -------------------------------------------------------
+
+
+def test_truncated_config_keeps_the_last_good_one_and_sends_nothing_not_even_to_excluded_meters(
+        start_sender: Callable[..., ConfigSender], central: Central, fleet: Callable[..., FakeMeters],
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, internal_broker: Mosquitto,
+        central_broker: Mosquitto) -> None:
+    meters = fleet(**{OFFICE: "ack", EXCLUDED: "ack"})
+    sender = start_sender(ack_timeout_seconds=1, upload_frequency_seconds=300, exclude=[EXCLUDED])
+    central.online(OFFICE, EXCLUDED)
+    wait_for(lambda: sender.counters()["acked"] == 2, timeout=5)
+    path = tmp_path / "config.yaml"
+
+    path.write_text("")  # truncated, e.g. by a full disk or `> config.yaml`
+    wait_for(lambda: sender_records(caplog, logging.ERROR, "keeping the last good configuration"), timeout=3)
+    assert sender_records(caplog, logging.ERROR, f"invalid configuration {path}: {path}: the file is empty")
+
+    path.write_text("internal_broker:\n  port: 1\n")  # no central broker
+    wait_for(lambda: len(sender_records(caplog, logging.ERROR, "keeping the last good configuration")) == 2,
+             timeout=3)
+    assert sender_records(caplog, logging.ERROR, "central_broker.host: missing; required")
+
+    assert sender.config.meters.exclude == {EXCLUDED}
+    assert sender.config.meters.upload_frequency_seconds == 300
+    assert meters.commands(EXCLUDED) == []
+    assert len(meters.commands(OFFICE)) == 2
+    # A later valid file applies again.
+    write_config(path, internal_broker, central_broker, ack_timeout_seconds=1, upload_frequency_seconds=600,
+                 exclude=[EXCLUDED])
+    wait_for(lambda: [c for c in meters.commands(OFFICE) if c.payload.get("value") == "600"], timeout=2)
+    assert meters.commands(EXCLUDED) == []
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("", "the file is empty"),
+    ("internal_broker:\n", "central_broker.host: missing; required"),
+])
+def test_check_config_on_an_empty_file_or_one_without_the_central_broker_exits_2(
+        tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    result = subprocess.run([sys.executable, str(ROOT / "config_sender.py"), "--config", str(path),
+                             "--check-config"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "valid (" not in result.stdout
+    assert problem in result.stderr

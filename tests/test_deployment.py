@@ -307,6 +307,8 @@ def test_daemon_units_follow_the_deployment_contract() -> None:
         assert settings["EnvironmentFile"][0] == "-/etc/kpm33b/secrets.env"
         assert settings["SyslogIdentifier"] == [unit.removesuffix(".service")]
         assert settings["MemoryDenyWriteExecute"] == ["yes"]
+        # `systemctl reload`: SIGHUP re-reads the configuration, the daemon goes on running.
+        assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
         assert (ROOT / script).is_file()
     assert unit_settings(ROOT / "systemd/kpm33b-proxy.service")["StateDirectory"] == ["kpm33b-proxy"]
 

@@ -32,6 +32,8 @@ from version import __version__
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 METER = "33B1225950027"
+# The one key a configuration must set; the documents here are about the others.
+CENTRAL: dict[str, Any] = {"central_broker": {"host": "127.0.0.1"}}
 OTHER = "33B1225950028"
 RT_DATA = json.loads((FIXTURES / "MQTT_RT_DATA_2026-01-12.log").read_text().split(" ", 1)[1])
 ALL_GROUPS = ("voltage", "current", "power", "power_factor")
@@ -442,6 +444,7 @@ def test_known_meters_are_bounded_and_the_oldest_forgotten() -> None:
 
 def test_from_config_takes_prefix_main_topic_and_origin_url() -> None:
     config = config_loader.parse_config({
+        **CENTRAL,
         "central_broker_topics": {"external_main_topic": "site"},
         "homeassistant": {"discovery_prefix": "ha", "origin_url": "https://example.org/kpm33b"},
     }, {})
@@ -493,13 +496,13 @@ def test_meters_without_per_phase_keep_exactly_the_minimal_payload() -> None:
 
 
 def test_home_assistant_settings_default_to_discovery_on_the_standard_prefix() -> None:
-    settings = config_loader.parse_config({}, {}).homeassistant
+    settings = config_loader.parse_config(CENTRAL, {}).homeassistant
     assert (settings.discovery, settings.discovery_prefix, settings.origin_url) == (True, "homeassistant", None)
 
 
 def test_per_phase_is_stored_in_canonical_order() -> None:
     config = config_loader.parse_config(
-        {"meters": {"devices": {METER: {"per_phase": ["power_factor", "voltage"]}}}}, {})
+        {**CENTRAL, "meters": {"devices": {METER: {"per_phase": ["power_factor", "voltage"]}}}}, {})
     assert config.meters.devices[METER].per_phase == ("voltage", "power_factor")
     assert ha_discovery.per_phase_by_meter(config.meters) == {METER: ("voltage", "power_factor")}
 
@@ -529,7 +532,7 @@ def test_per_phase_is_stored_in_canonical_order() -> None:
 ])
 def test_home_assistant_configuration_problems_are_reported_by_key(document: dict[str, Any], problem: str) -> None:
     with pytest.raises(config_loader.ConfigError) as error:
-        config_loader.parse_config(document, {})
+        config_loader.parse_config({**CENTRAL, **document}, {})
     assert error.value.problems == (problem,)
 
 
