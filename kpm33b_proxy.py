@@ -46,6 +46,7 @@ import config_loader
 from availability import MeterAvailability, silence_limit
 from command_tracking import AVAILABILITY, parse_availability, parse_central_topic
 from config_loader import Config, MeterSettings
+from config_watch import ConfigWatcher
 from data_mapping import (
     DROP_ENERGY_DECREASE,
     DROP_EXCLUDED,
@@ -198,8 +199,17 @@ class OutgoingQueue:
 class Proxy:
     """The data flow: one instance per process. ``start()``, then ``stop()``."""
 
-    def __init__(self, config: Config, state_dir: Path, notifier: SystemdNotifier | None = None) -> None:
+    def __init__(self, config: Config, state_dir: Path, notifier: SystemdNotifier | None = None, *,
+                 config_path: Path | None = None, environ: Mapping[str, str] | None = None) -> None:
         self.config = config
+        # Reloading: the file is watched (symlinks followed) and SIGHUP asks for a reload; the main
+        # thread's tick does it, so no reload ever races another one.
+        self.config_path = config_path
+        self.environ = environ if environ is not None else {}
+        self._watcher = (ConfigWatcher(config_path, self._reload_requested_by_file, log=log)
+                         if config_path is not None else None)
+        self._reload_requested = threading.Event()
+        self._reload_forced = False
         self.notifier = notifier if notifier is not None else SystemdNotifier({})
         self._ready_sent = False
         self.main_topic = config.central_broker_topics.external_main_topic
@@ -272,6 +282,8 @@ class Proxy:
             if meter_id not in self.config.meters.exclude:
                 self.availability.restore(meter_id, self.started_at, online=True)
         self._publisher.start()
+        if self._watcher is not None:
+            self._watcher.start()
         self.notifier.start_watchdog(self.healthy)
         connect_in_background(self.central, self.config.central_broker)
         connect_in_background(self.internal, self.config.internal_broker, clean_start=False,
@@ -282,9 +294,36 @@ class Proxy:
         while not stop.wait(TICK_SECONDS):
             self.tick(time.monotonic())
 
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the configuration at the next tick, changed or not (only hands the work over)."""
+        self._reload_forced = True
+        self._reload_requested.set()
+
+    def _reload_requested_by_file(self) -> None:
+        self._reload_requested.set()
+
+    def _reload(self) -> None:
+        """Read the configuration file again and apply it; an invalid file keeps the last good configuration."""
+        forced, self._reload_forced = self._reload_forced, False
+        self._reload_requested.clear()
+        if self.config_path is None:
+            return
+        log.info("%s: reading %s again", "SIGHUP received" if forced else "configuration file changed",
+                 self.config_path)
+        try:
+            new = config_loader.load_config(self.config_path, self.environ)
+        except config_loader.ConfigError as error:
+            for problem in error.problems:
+                log.error("invalid configuration %s: %s", self.config_path, problem)
+            log.error("keeping the last good configuration")
+            return
+        self.apply_config(new)
+
     def tick(self, now: float) -> None:
-        """Periodic work: readiness, meters gone silent, journal, heartbeat."""
+        """Periodic work: readiness, reloads, meters gone silent, journal, heartbeat."""
         self.heartbeat = now
+        if self._reload_requested.is_set():
+            self._reload()
         if not self._ready_sent and self._bridge_online:
             self._ready_sent = True  # systemd: started means forwarding
             self.notifier.ready("forwarding")
@@ -407,6 +446,8 @@ class Proxy:
         """
         self._closing = True
         self.notifier.stopping()
+        if self._watcher is not None:
+            self._watcher.stop()
         self._drain(SHUTDOWN_DRAIN_SECONDS)
         self.internal.disconnect()
         self.internal.loop_stop()
@@ -707,9 +748,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     config = config_loader.load_or_exit(command_line, environ)
     setup_logging(config.logging.level, environ)
     log.info("starting: %s", config_loader.describe(config))
-    proxy = Proxy(config, state_directory(command_line.config_path, environ), SystemdNotifier(environ))
+    proxy = Proxy(config, state_directory(command_line.config_path, environ), SystemdNotifier(environ),
+                  config_path=command_line.config_path, environ=environ)
     stop = threading.Event()
-    install_signal_handlers(stop)
+    install_signal_handlers(stop, reload=proxy.request_reload)
     try:
         proxy.start()
     except StateLocked as error:
