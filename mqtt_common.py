@@ -114,15 +114,25 @@ class RateLimitedLog:
             self.logger.warning(message, *args)
 
     def flush(self) -> None:
-        """Log the summary of the current window now (at shutdown)."""
+        """Log the summary of the current window now (at shutdown), and start a new window.
+
+        The window is ended outright rather than by a clock reading computed as
+        ``start + window``: in floating point ``(start + window) - start`` can come
+        out below ``window``, and the summary would then silently never be logged.
+        """
         with self._lock:
-            summary = self._roll_window(self._window_start + self.window)
+            summary = self._end_window(time.monotonic())
         if summary:
             self.logger.warning("%s", summary)
 
     def _roll_window(self, now: float) -> str | None:
+        """End the window if ``now`` is past it; the summary of what it did not log."""
         if now - self._window_start < self.window:
             return None
+        return self._end_window(now)
+
+    def _end_window(self, now: float) -> str | None:
+        """Start a new window at ``now``; the summary of the rejections the old one did not log."""
         summary = None
         if self._suppressed:
             counts = ", ".join(f"{reason} {count}" for reason, count in sorted(self._suppressed.items()))
