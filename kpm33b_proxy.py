@@ -120,7 +120,7 @@ class Outgoing(NamedTuple):
     retain: bool
     source_mid: int = 0  # the internal broker's message id, acknowledged once delivered (0: none)
     reading: bool = False  # a clean reading (counted as forwarded when delivered)
-    energy: tuple[str, float] | None = None  # (meter id, kWh) for the energy journal, once delivered
+    energy: tuple[str, float, str] | None = None  # (meter id, kWh, meter time) for the energy journal, once delivered
 
 
 class OutgoingQueue:
@@ -231,8 +231,8 @@ class Proxy:
 
     def start(self) -> None:
         """Lock and load the state, then connect to both brokers in the background."""
-        for meter_id, energy in self.journal.open().items():
-            self.memory.restore_energy(meter_id, energy)
+        for meter_id, floor in self.journal.open().items():
+            self.memory.restore_energy(meter_id, floor.energy)
         log.info("loaded the last energy of %d meters from %s", len(self.memory.energy_snapshot()),
                  self.journal.path)
         self.discovery.known_meters(self.memory.energy_snapshot())
@@ -261,7 +261,7 @@ class Proxy:
         with self._state_lock:
             self.journal.flush()
             if self.journal.needs_compaction():
-                self.journal.compact(self.memory.energy_snapshot())
+                self.journal.compact()  # what the central broker acknowledged, not the filters' memory
         if self._central_connected:  # spread (re-)announcements; none piled up while away
             self.discovery.tick(now)
         if now >= self._next_stats:
@@ -405,7 +405,7 @@ class Proxy:
         self._enqueue(Outgoing(
             clean_topic(self.main_topic, clean.meter_id, clean.kind), encode_payload(clean.payload), True,
             source_mid=message.mid if message.qos else 0, reading=True,
-            energy=(clean.meter_id, energy) if isinstance(energy, int | float) else None,
+            energy=(clean.meter_id, energy, clean.time) if isinstance(energy, int | float) else None,
         ))
 
     # --- central broker (consumers) ----------------------------------------------
