@@ -57,7 +57,7 @@ from mqtt_common import (
     setup_logging,
 )
 from sd_notify import SystemdNotifier
-from state_store import EnergyJournal, StateLocked
+from state_store import EnergyJournal, StateLocked, StateUnusable
 
 log = logging.getLogger("kpm33b_proxy")
 
@@ -70,6 +70,7 @@ PUBLISH_WINDOW = 1_000  # unacknowledged publishes handed to paho at once
 SHUTDOWN_DRAIN_SECONDS = 5.0
 TICK_SECONDS = 0.5
 EXIT_STATE_LOCKED = 3
+EXIT_STATE_UNUSABLE = 3  # as for a locked one: the internal broker keeps the readings meanwhile
 TRIM_INTERVAL_SECONDS = 60.0
 TRIM_AFTER_NEW_METERS = 1_000
 
@@ -230,11 +231,15 @@ class Proxy:
     # --- life cycle -------------------------------------------------------------
 
     def start(self) -> None:
-        """Lock and load the state, then connect to both brokers in the background."""
+        """Lock and load the state, then connect to both brokers in the background.
+
+        Raises ``StateLocked`` or ``StateUnusable`` (see ``state_store``) before connecting to anything.
+        """
         for meter_id, floor in self.journal.open().items():
             self.memory.restore_energy(meter_id, floor.energy)
-        log.info("loaded the last energy of %d meters from %s", len(self.memory.energy_snapshot()),
-                 self.journal.path)
+        damaged = self.journal.damaged_lines  # each also counted in the journal's own WARNING
+        log.info("loaded the last energy of %d meters from %s%s", len(self.memory.energy_snapshot()),
+                 self.journal.path, f" ({damaged} damaged lines skipped)" if damaged else "")
         self.discovery.known_meters(self.memory.energy_snapshot())
         self._publisher.start()
         self.notifier.start_watchdog(self.healthy)
@@ -555,6 +560,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except StateLocked as error:
         log.error("%s; refusing to start a second proxy", error)
         return EXIT_STATE_LOCKED
+    except StateUnusable as error:
+        log.error("%s; not starting (the internal broker keeps the readings until the proxy can start)", error)
+        return EXIT_STATE_UNUSABLE
     proxy.run(stop)
     proxy.stop()
     return 0

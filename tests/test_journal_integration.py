@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from broker import Mosquitto, wait_for
 from daemons import Collector, DaemonProcess, config_dict, publish_all, write_config
+from filesystems import fill_up, remount_read_only, small_tmpfs
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from tools.meter_simulator import encode_payload, eny_now_payload
@@ -201,3 +202,170 @@ def test_a_proxy_stopped_mid_drain_restarts_without_losing_a_reading(
     assert not missing
     assert "energy_decrease" not in stats["dropped"]
     assert stats["forwarded"] >= 1_000, "the proxy was not stopped mid-drain"
+
+
+# --- 2. damage survived ------------------------------------------------------------
+
+OTHER = "33B1225950028"
+
+
+def reading(meter: str, minutes: int, energy: float) -> tuple[str, bytes]:
+    """One ENY_NOW reading ``minutes`` after BASE_TIME."""
+    return ("MQTT_ENY_NOW", encode_payload(eny_now_payload(meter, BASE_TIME + timedelta(minutes=minutes), energy)))
+
+
+def lines_with(output: str, level: str, text: str = "") -> list[str]:
+    """The log lines at ``level`` (INFO, WARNING, ERROR …) that contain ``text``."""
+    return [line for line in output.splitlines() if f" {level} " in line and text in line]
+
+
+def test_a_damaged_journal_is_read_around_the_damage_and_the_proxy_forwards(
+        tmp_path, internal_broker, central_broker, start_proxy, cleanup):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "energy.journal").write_bytes(
+        f"{METER} 16234.5 20260111235900\n".encode()
+        + f"{OTHER} 1\xff2.0 20260111235900\n".encode("latin-1")  # not UTF-8
+        + f"{OTHER} 12.5 20260111235900\n".encode()
+        + b"\x00" * 40 + b"\n"  # a block of NULs
+        + f"{METER} 16".encode()  # torn: 16234.75 cut short, no newline
+    )
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes")
+    cleanup(consumer.close)
+    proxy = start_proxy(tmp_path / "proxy", proxy_document(internal_broker.port, central_broker.port), state)
+    send(internal_broker.port, [reading(METER, 1, 16000.0), reading(OTHER, 1, 12.4),  # below the kept floors
+                                reading(METER, 2, 16300.0), reading(OTHER, 2, 12.6)])
+    wait_for(lambda: energies(consumer) and energies(consumer, OTHER), timeout=10)
+    assert energies(consumer) == [16300.0]
+    assert energies(consumer, OTHER) == [12.6]
+    output = proxy.output()
+    print("\n" + "\n".join(lines_with(output, "WARNING", "journal") + lines_with(output, "INFO", "loaded")))
+    assert len(lines_with(output, "WARNING", "skipped 2 damaged lines of the energy journal")) == 1
+    assert len(lines_with(output, "WARNING", "unfinished last line")) == 1
+    assert "loaded the last energy of 2 meters" in output and "(2 damaged lines skipped)" in output
+    assert proxy.terminate() == 0
+    assert "Traceback" not in proxy.output()
+    assert (state / "energy.journal").read_text().splitlines() == [
+        f"{METER} 16234.5 20260111235900", f"{OTHER} 12.5 20260111235900",
+        f"{METER} 16300.0 20260112000200", f"{OTHER} 12.6 20260112000200"]
+
+
+@pytest.mark.parametrize("content", [b"\x00" * 4096, b"\x00" * 100 + b"\n" + b"\xff\xfe" * 50 + b"\n"],
+                         ids=["nul-bytes", "garbage-lines"])
+def test_a_journal_that_yields_nothing_is_kept_aside_with_an_error(
+        tmp_path, internal_broker, central_broker, start_proxy, cleanup, content):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "energy.journal").write_bytes(content)
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes")
+    cleanup(consumer.close)
+    proxy = start_proxy(tmp_path / "proxy", proxy_document(internal_broker.port, central_broker.port), state)
+    send(internal_broker.port, [reading(METER, 1, 5.0)])
+    wait_for(lambda: energies(consumer) == [5.0], timeout=10)
+    errors = lines_with(proxy.output(), "ERROR", "holds no valid line")
+    print("\n" + "\n".join(errors))
+    assert len(errors) == 1
+    kept = list(state.glob("energy.journal.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == content, "the evidence was not kept as it was"
+    assert str(kept[0]) in errors[0]
+    assert proxy.terminate() == 0
+    assert "Traceback" not in proxy.output()
+
+
+def test_a_second_unreadable_journal_does_not_overwrite_the_first_one_kept_aside(
+        tmp_path, internal_broker, central_broker, start_proxy):
+    state = tmp_path / "state"
+    state.mkdir()
+    document = proxy_document(internal_broker.port, central_broker.port)
+    for attempt in range(2):
+        (state / "energy.journal").write_bytes(bytes([attempt]) * 100)
+        proxy = start_proxy(tmp_path / f"proxy-{attempt}", document, state)
+        assert proxy.terminate() == 0
+    kept = sorted(path.read_bytes() for path in state.glob("energy.journal.damaged-*"))
+    assert kept == [b"\x00" * 100, b"\x01" * 100]
+
+
+@pytest.fixture
+def small_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KB tmpfs mounted for this test: a real file system that can be filled up (needs root)."""
+    with small_tmpfs(tmp_path / "small-fs") as mount_point:
+        yield mount_point
+
+
+def test_a_state_directory_on_a_full_file_system_at_start_exits_3_with_one_error(
+        tmp_path, small_file_system, internal_broker, central_broker, start_proxy):
+    state = small_file_system / "state"
+    state.mkdir()
+    (state / "energy.journal").write_text(f"{METER} 16234.5 20260111235900\n")
+    fill_up(small_file_system)
+    proxy = start_proxy(tmp_path / "proxy", proxy_document(internal_broker.port, central_broker.port), state,
+                        wait_online=False)
+    assert proxy.wait(15) == 3
+    output = proxy.output()
+    print("\n" + "\n".join(lines_with(output, "ERROR")))
+    assert "Traceback" not in output
+    assert len(lines_with(output, "ERROR")) == 1
+    assert lines_with(output, "ERROR", f"cannot use the state directory {state}: No space left on device")
+    assert (state / "energy.journal").read_text() == f"{METER} 16234.5 20260111235900\n", "the journal was damaged"
+
+
+@pytest.mark.parametrize("fault", ["state-is-a-file", "journal-is-a-directory", "read-only-file-system"])
+def test_an_unusable_state_directory_exits_3_with_one_error_line(
+        tmp_path, small_file_system, internal_broker, central_broker, start_proxy, fault):
+    if fault == "state-is-a-file":
+        state = tmp_path / "state"
+        state.write_text("not a directory\n")
+        expected = f"cannot use the state directory {state}: Not a directory ({state})"
+    elif fault == "journal-is-a-directory":
+        state = tmp_path / "state"
+        (state / "energy.journal").mkdir(parents=True)
+        expected = f"cannot use the state directory {state}: Is a directory ({state / 'energy.journal'})"
+    else:
+        state = small_file_system / "state"
+        state.mkdir()
+        remount_read_only(small_file_system)
+        expected = f"cannot use the state directory {state}: Read-only file system"
+    proxy = start_proxy(tmp_path / "proxy", proxy_document(internal_broker.port, central_broker.port), state,
+                        wait_online=False)
+    assert proxy.wait(15) == 3
+    output = proxy.output()
+    print("\n" + "\n".join(lines_with(output, "ERROR")))
+    assert "Traceback" not in output
+    assert len(lines_with(output, "ERROR")) == 1
+    assert lines_with(output, "ERROR", expected)
+
+
+def test_a_full_file_system_while_running_is_one_error_forwarding_goes_on_and_the_journal_catches_up(
+        tmp_path, small_file_system, internal_broker, central_broker, start_proxy, cleanup):
+    state = small_file_system / "state"
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes")
+    cleanup(consumer.close)
+    document = proxy_document(internal_broker.port, central_broker.port)
+    document["logging"] = {"level": "DEBUG"}  # each failed write is a DEBUG line; the ERROR is rate-limited
+    proxy = start_proxy(tmp_path / "proxy", document, state)
+    filler = fill_up(small_file_system)
+
+    # 300 lines of ~37 bytes need new pages of the file system: the writes fail.
+    send(internal_broker.port, [reading(METER, minute, 100 + minute / 100) for minute in range(300)])
+    wait_for(lambda: len(energies(consumer)) == 300, timeout=20)
+    failed = "energy journal write failed"
+    wait_for(lambda: len(lines_with(proxy.output(), "DEBUG", failed)) >= 3, timeout=30)  # retried, still full
+    send(internal_broker.port, [reading(METER, minute, 100 + minute / 100) for minute in range(300, 400)])
+    wait_for(lambda: len(energies(consumer)) == 400, timeout=20)
+    assert energies(consumer) == [100 + minute / 100 for minute in range(400)]
+    output = proxy.output()
+    errors = lines_with(output, "ERROR", "cannot write the energy journal")
+    print(f"\n[full file system] {len(lines_with(output, 'DEBUG', failed))} failed writes, "
+          f"{len(errors)} ERROR lines:\n" + "\n".join(errors))
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert proxy.alive()
+
+    filler.unlink()  # space is back: the next retry writes every acknowledged floor
+    journal = state / "energy.journal"
+    wait_for(lambda: journal.read_text() == f"{METER} 103.99 20260112063900\n", timeout=20)
+    assert lines_with(proxy.output(), "WARNING", "is written again")
+    send(internal_broker.port, [reading(METER, 400, 104.0)])
+    wait_for(lambda: len(energies(consumer)) == 401, timeout=10)
+    assert proxy.terminate() == 0
+    assert journal.read_text().splitlines()[-1] == f"{METER} 104.0 20260112064000"
+    assert "Traceback" not in proxy.output()
