@@ -76,7 +76,7 @@ from mqtt_common import (
     setup_logging,
 )
 from sd_notify import SystemdNotifier
-from state_store import EnergyJournal, StateLocked
+from state_store import EnergyJournal, StateLocked, StateUnusable
 
 log = logging.getLogger("kpm33b_proxy")
 
@@ -89,6 +89,7 @@ PUBLISH_WINDOW = 1_000  # unacknowledged publishes handed to paho at once
 SHUTDOWN_DRAIN_SECONDS = 5.0
 TICK_SECONDS = 0.5
 EXIT_STATE_LOCKED = 3
+EXIT_STATE_UNUSABLE = 3  # as for a locked one: the internal broker keeps the readings meanwhile
 TRIM_INTERVAL_SECONDS = 60.0
 TRIM_AFTER_NEW_METERS = 1_000
 GUARD_WARNING_INTERVAL = 3600.0  # a meter's dropped energy glitches are logged at most this often
@@ -154,7 +155,7 @@ class Outgoing(NamedTuple):
     retain: bool
     source_mid: int = 0  # the internal broker's message id, acknowledged once delivered (0: none)
     reading: bool = False  # a clean reading (counted as forwarded when delivered)
-    energy: tuple[str, float] | None = None  # (meter id, kWh) for the energy journal, once delivered
+    energy: tuple[str, float, str] | None = None  # (meter id, kWh, meter time) for the energy journal, once delivered
 
 
 class OutgoingQueue:
@@ -272,11 +273,15 @@ class Proxy:
     # --- life cycle -------------------------------------------------------------
 
     def start(self) -> None:
-        """Lock and load the state, then connect to both brokers in the background."""
-        for meter_id, energy in self.journal.open().items():
-            self.memory.restore_energy(meter_id, energy)
-        log.info("loaded the last energy of %d meters from %s", len(self.memory.energy_snapshot()),
-                 self.journal.path)
+        """Lock and load the state, then connect to both brokers in the background.
+
+        Raises ``StateLocked`` or ``StateUnusable`` (see ``state_store``) before connecting to anything.
+        """
+        for meter_id, floor in self.journal.open().items():
+            self.memory.restore_energy(meter_id, floor.energy, floor.meter_time)
+        damaged = self.journal.damaged_lines  # each also counted in the journal's own WARNING
+        log.info("loaded the last energy of %d meters from %s%s", len(self.memory.energy_snapshot()),
+                 self.journal.path, f" ({damaged} damaged lines skipped)" if damaged else "")
         self.discovery.known_meters(self.memory.energy_snapshot())
         for meter_id in self.memory.energy_snapshot():  # known: offline if silent for its limit from now on
             if meter_id not in self.config.meters.exclude:
@@ -337,7 +342,7 @@ class Proxy:
         with self._state_lock:
             self.journal.flush()
             if self.journal.needs_compaction():
-                self.journal.compact(self.memory.energy_snapshot())
+                self.journal.compact()  # what the central broker acknowledged, not the filters' memory
         if self._central_connected:  # spread (re-)announcements; none piled up while away
             self.discovery.tick(now)
         if now >= self._next_stats:
@@ -553,7 +558,7 @@ class Proxy:
         self._enqueue(Outgoing(
             clean_topic(self.main_topic, clean.meter_id, clean.kind), encode_payload(clean.payload), True,
             source_mid=source_mid, reading=True,
-            energy=(clean.meter_id, energy) if isinstance(energy, int | float) else None,
+            energy=(clean.meter_id, energy, clean.time) if isinstance(energy, int | float) else None,
         ))
 
     def _log_guard_event(self, event: GuardEvent, now: float) -> None:
@@ -757,6 +762,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except StateLocked as error:
         log.error("%s; refusing to start a second proxy", error)
         return EXIT_STATE_LOCKED
+    except StateUnusable as error:
+        log.error("%s; not starting (the internal broker keeps the readings until the proxy can start)", error)
+        return EXIT_STATE_UNUSABLE
     proxy.run(stop)
     proxy.stop()
     return 0

@@ -131,7 +131,7 @@ class RateLimitedLog:
             self.logger.log(level, message, *args)
 
     def flush(self) -> None:
-        """Log the summary of the current window now (at shutdown)."""
+        """Log the summary of the current window now (at shutdown), and start a new window."""
         with self._lock:
             summary = self._roll_window(time.monotonic(), force=True)
         if summary:

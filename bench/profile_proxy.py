@@ -79,8 +79,8 @@ def _proxy(state_dir: Path) -> kpm33b_proxy.Proxy:
         central_broker=config_loader.BrokerSettings(host="127.0.0.1", port=1, max_queued_messages=10_000_000),
     )
     proxy = kpm33b_proxy.Proxy(config, state_dir)
-    for meter_id, energy in proxy.journal.open().items():
-        proxy.memory.restore_energy(meter_id, energy)
+    for meter_id, floor in proxy.journal.open().items():
+        proxy.memory.restore_energy(meter_id, floor.energy)
     return proxy
 
 

@@ -1,0 +1,267 @@
+"""The energy journal without a broker: its format, what it holds, and compaction."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+from filesystems import fill_up, small_tmpfs
+from hypothesis import given
+from hypothesis import strategies as st
+
+from state_store import (
+    MAX_LINE_BYTES,
+    EnergyJournal,
+    Floor,
+    ParsedJournal,
+    StateLocked,
+    format_line,
+    parse_journal,
+    split_lines,
+)
+
+METER = "33B1225950027"
+OTHER = "33B1225950028"
+
+
+def journal_text(directory: Path) -> str:
+    return (directory / "energy.journal").read_text()
+
+
+def test_a_recorded_floor_is_written_with_its_meter_time_and_loads_again(tmp_path: Path) -> None:
+    journal = EnergyJournal(tmp_path)
+    assert journal.open() == {}
+    journal.record(METER, 16234.5, "20260117211500")
+    journal.record(OTHER, 12.0, "20260117211500")
+    journal.record(METER, 16234.75, "20260117213000")
+    journal.close()
+    assert journal_text(tmp_path).splitlines() == [
+        f"{METER} 16234.5 20260117211500",
+        f"{OTHER} 12.0 20260117211500",
+        f"{METER} 16234.75 20260117213000",
+    ]
+    again = EnergyJournal(tmp_path)
+    assert again.open() == {OTHER: Floor(12.0, "20260117211500"), METER: Floor(16234.75, "20260117213000")}
+    again.close()
+    assert journal_text(tmp_path).splitlines() == [f"{OTHER} 12.0 20260117211500",
+                                                   f"{METER} 16234.75 20260117213000"]
+
+
+def test_old_two_field_lines_load_without_a_meter_time_and_stay_loadable(tmp_path: Path) -> None:
+    (tmp_path / "energy.journal").write_text(f"{METER} 163.486\n{OTHER} 1.5\n{METER} 163.5\n")
+    journal = EnergyJournal(tmp_path)
+    assert journal.open() == {OTHER: Floor(1.5, None), METER: Floor(163.5, None)}
+    journal.record(OTHER, 2.0, "20260117211500")
+    journal.compact()
+    journal.close()
+    assert journal_text(tmp_path).splitlines() == [f"{METER} 163.5", f"{OTHER} 2.0 20260117211500"]
+
+
+def test_compaction_writes_only_what_was_recorded_as_acknowledged(tmp_path: Path) -> None:
+    # The proxy's filters may already hold newer energy of readings still queued for the
+    # central broker: compact() takes nothing from outside, only what record() was given.
+    journal = EnergyJournal(tmp_path, compact_after=3)
+    journal.open()
+    for minute in range(5):
+        journal.record(METER, 100.0 + minute, f"2026011721{minute:02d}00")
+    journal.flush()
+    assert journal.needs_compaction()
+    journal.compact()
+    assert not journal.needs_compaction()
+    journal.close()
+    lines = journal_text(tmp_path).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{METER} 104.0 ")
+
+
+def test_the_compaction_threshold_is_today_s_rule_by_default(tmp_path: Path) -> None:
+    journal = EnergyJournal(tmp_path)
+    journal.open()
+    for index in range(10_000):
+        journal.record(METER, float(index), "20260117211500")
+    journal.flush()
+    assert not journal.needs_compaction()  # 10,000 lines: not more than 4 per meter + 10,000
+    journal.record(METER, 10_000.0, "20260117211500")
+    journal.flush()
+    assert journal.needs_compaction()
+    journal.close()
+
+
+def test_the_journal_keeps_at_most_max_meters_the_least_recently_recorded_go_first(tmp_path: Path) -> None:
+    journal = EnergyJournal(tmp_path, max_meters=2)
+    journal.open()
+    journal.record(METER, 1.0, "20260117211500")
+    journal.record(OTHER, 2.0, "20260117211500")
+    journal.record(METER, 1.5, "20260117213000")  # METER is now the most recent
+    journal.record("33B1225950029", 3.0, "20260117211500")
+    journal.compact()
+    journal.close()
+    assert EnergyJournal(tmp_path).open() == {METER: Floor(1.5, "20260117213000"),
+                                              "33B1225950029": Floor(3.0, "20260117211500")}
+
+
+def test_a_second_journal_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    first = EnergyJournal(tmp_path)
+    first.open()
+    with pytest.raises(StateLocked):
+        EnergyJournal(tmp_path).open()
+    first.close()
+    EnergyJournal(tmp_path).open()
+
+
+# --- the parser: damage ------------------------------------------------------------------
+
+
+def parse(data: bytes) -> ParsedJournal:
+    """Parse journal bytes as the journal reads its file."""
+    return parse_journal(split_lines(io.BytesIO(data)))
+
+
+@pytest.mark.parametrize("line", [
+    f"{METER} 163.5 2026011721150",  # 13 digits
+    f"{METER} 163.5 202601172115000",  # 15 digits
+    f"{METER} 163.5 2026-01-17T21",
+    f"{METER} 163.5 20260117211500 extra",
+    f"{METER} 163.5  20260117211500",
+    f"{METER} 163.5 20260117211500\r",
+    f"{METER} 163.5 ２０２６０１１７２１１５００",  # full-width digits
+    f"{METER} nan 20260117211500",
+    f"{METER} inf",
+    f"{METER} 0x10",
+    f"{METER}",
+    f"{METER[:-1]} 163.5 20260117211500",
+    "33B12/5950027 163.5 20260117211500",
+    "",
+])
+def test_a_line_with_a_bad_field_is_damaged(line: str) -> None:
+    parsed = parse(f"{METER} 1.0 20260117200000\n{line}\n{OTHER} 2.0\n".encode())
+    assert parsed.floors == {METER: Floor(1.0, "20260117200000"), OTHER: Floor(2.0, None)}
+    assert parsed.damaged == 1
+    assert parsed.first_damaged is not None and parsed.first_damaged[0] == 2
+    assert not parsed.torn
+
+
+def test_a_byte_that_is_not_utf8_damages_its_line_only() -> None:
+    parsed = parse(f"{METER} 16234.5 20260117211500\n".encode()
+                   + b"33B1225950028 12\xff.5 20260117211500\n"
+                   + f"{OTHER} 12.5 20260117211500\n".encode())
+    assert parsed.floors == {METER: Floor(16234.5, "20260117211500"), OTHER: Floor(12.5, "20260117211500")}
+    assert parsed.damaged == 1
+    assert parsed.first_damaged == (2, b"33B1225950028 12\xff.5 20260117211500\n")
+
+
+def test_damaged_middle_lines_are_counted_and_the_later_valid_lines_win() -> None:
+    parsed = parse(f"{METER} 1.0 20260117200000\n".encode() + b"\x00" * 30 + b"\n"
+                   + f"{METER} 2.0 20260117201500\n".encode() + b"garbage\n" + b"\xc3\x28\n"
+                   + f"{METER} 3.0 20260117203000\n".encode())
+    assert parsed.floors == {METER: Floor(3.0, "20260117203000")}
+    assert parsed.damaged == 3
+    assert parsed.first_damaged == (2, b"\x00" * 30 + b"\n")
+
+
+def test_a_file_of_nul_bytes_yields_nothing() -> None:
+    assert parse(b"\x00" * 4096) == ParsedJournal({}, 0, None, True)  # one unfinished line
+    assert parse((b"\x00" * 99 + b"\n") * 3).damaged == 3
+
+
+def test_a_torn_last_line_is_ignored_and_does_not_lower_the_floor() -> None:
+    parsed = parse(f"{METER} 16234.5 20260117211500\n{METER} 16".encode())
+    assert parsed.floors == {METER: Floor(16234.5, "20260117211500")}
+    assert parsed.torn and parsed.damaged == 0
+
+
+def test_an_overlong_line_is_damaged_and_the_next_line_still_loads() -> None:
+    overlong = f"{METER} 1".encode() + b"0" * 1_000_000 + b"\n"  # a prefix of it would read as a huge floor
+    parsed = parse(overlong + f"{OTHER} 2.0 20260117211500\n".encode())
+    assert parsed.floors == {OTHER: Floor(2.0, "20260117211500")}
+    assert parsed.damaged == 1 and len(parsed.first_damaged[1]) == 60
+    assert parse(b"x" * (MAX_LINE_BYTES * 3)).torn
+
+
+@given(energy=st.floats(allow_nan=False, allow_infinity=False),
+       meter_time=st.none() | st.from_regex(r"\A[0-9]{14}\Z"))
+def test_every_floor_written_reads_back_the_same(energy: float, meter_time: str | None) -> None:
+    floor = Floor(energy, meter_time)
+    assert parse(format_line(METER, floor).encode()) == ParsedJournal({METER: floor}, 0, None, False)
+
+
+# --- a failing disk --------------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def journal_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+
+
+def test_writes_failing_on_a_full_disk_are_one_error_a_minute_retried_and_caught_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    with small_tmpfs(tmp_path / "small-fs") as mount_point:
+        journal = EnergyJournal(mount_point / "state", retry_seconds=5.0, clock=clock)
+        journal.open()
+        filler = fill_up(mount_point)
+        with caplog.at_level(logging.DEBUG, logger="kpm33b_proxy.journal"):
+            journal.record(METER, 1.0, "20260117200000")
+            journal.flush()  # fails: an ERROR
+            assert len(journal_errors(caplog)) == 1 and "No space left on device" in journal_errors(caplog)[0]
+            for second in range(1, 60):  # every tick of the next minute: the floors change, retries fail
+                clock.now += 1
+                journal.record(METER, 1.0 + second, "20260117200000")
+                journal.flush()
+                assert not journal.needs_compaction()
+            assert journal.write_failures == 1 + 59 // 5
+            assert len(journal_errors(caplog)) == 1
+            clock.now += 1  # a minute after the first ERROR: the next failure is reported again
+            journal.flush()
+            errors = journal_errors(caplog)
+            unreported = journal.write_failures - 1
+            assert len(errors) == 2 and f"({unreported} failed writes since the last report)" in errors[1]
+            assert journal.floors() == {METER: Floor(60.0, "20260117200000")}
+
+            filler.unlink()
+            clock.now += 4.9
+            journal.flush()  # not yet due
+            assert (mount_point / "state" / "energy.journal").read_text() == ""
+            clock.now += 0.1
+            journal.flush()
+            assert (mount_point / "state" / "energy.journal").read_text() == f"{METER} 60.0 20260117200000\n"
+            assert any("is written again" in record.getMessage() for record in caplog.records)
+            journal.record(METER, 61.0, "20260117201500")
+            journal.flush()  # appending again
+            journal.close()
+        assert (mount_point / "state" / "energy.journal").read_text().splitlines() == [
+            f"{METER} 60.0 20260117200000", f"{METER} 61.0 20260117201500"]
+        assert not list((mount_point / "state").glob("*.tmp")), "a failed rewrite left its temporary file"
+
+
+def test_a_journal_still_failing_at_close_says_so_and_holds_only_acknowledged_floors(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with small_tmpfs(tmp_path / "small-fs") as mount_point:
+        state = mount_point / "state"
+        state.mkdir()
+        (state / "energy.journal").write_text(f"{METER} 1.0 20260117200000\n")
+        journal = EnergyJournal(state)
+        journal.open()
+        fill_up(mount_point)
+        recorded = [2.0 + index for index in range(300)]  # more than the file's last page holds
+        with caplog.at_level(logging.ERROR, logger="kpm33b_proxy.journal"):
+            for energy in recorded:
+                journal.record(METER, energy, "20260117201500")
+            journal.flush()
+            journal.close()
+        assert any("could not be written before stopping" in message for message in journal_errors(caplog))
+        # What reached the disk before it was full: whole lines of acknowledged floors, and at
+        # most one line cut short at the end (ignored at the next start).
+        parsed = parse((state / "energy.journal").read_bytes())
+        assert parsed.damaged == 0
+        assert parsed.floors[METER].energy in [1.0, *recorded]
