@@ -438,7 +438,10 @@ class MeterMemory:
         record = self._meters.get(meter_id)
         if record is None:
             return False
-        last = record.last_seconds if kind == SECONDS else record.last_minutes
+        if kind == SECONDS:
+            last = record.last_seconds
+        else:  # after a restart only the floor's time is known: it was delivered
+            last = record.last_minutes if record.last_minutes is not None else record.energy_time
         if last is not None and (meter_time == last or (redelivered and meter_time < last)):
             return True
         return kind == MINUTES and record.held is not None and record.held.last[0] == meter_time

@@ -675,8 +675,11 @@ class Proxy:
         if item.reading:
             self.counters.add("forwarded")
         if item.energy is not None:
+            # Written out before the raw reading is released: a proxy killed right after the
+            # acknowledgement must not restart with an older floor (a glitch could then pass).
             with self._state_lock:
                 self.journal.record(*item.energy)
+                self.journal.flush()
         if item.source_mid:
             self.internal.ack(item.source_mid, 1)
 

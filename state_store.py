@@ -11,8 +11,10 @@ readings still queued).
 
 Stored as an append-only journal (``energy.journal``, one ``<meter id> <kWh>
 <meter time YYYYMMDDhhmmss>`` line per acknowledged energy reading; older
-two-field lines still load), flushed twice a second: no rewrite of a large
-file per message, and no system call per reading. The journal is compacted
+two-field lines still load), each line written out (one ``write``, no
+``fsync``) before the proxy releases the raw reading it came from: no rewrite
+of a large file per message, and a killed proxy never restarts with a floor
+older than what it acknowledged. The journal is compacted
 to one line per meter at start-up and whenever it has grown well past that.
 
 The file is input like any other: a damaged line is skipped with a warning
@@ -287,9 +289,9 @@ class EnergyJournal:
     def flush(self) -> None:
         """Hand the recorded lines to the operating system (while failing: retry a full rewrite).
 
-        Called twice a second and at shutdown rather than per reading: a proxy
-        killed outright loses at most the last half second of journal, which
-        only leaves the counter guard at an older acknowledged value.
+        The proxy calls it for each acknowledged energy reading before it
+        releases the raw one (one ``write``, no ``fsync``: what the operating
+        system has survives a killed process), and on its ticks to retry.
         A write that fails is an ERROR (at most once a minute), never an
         exception: the floors stay here in memory and the next successful
         rewrite catches the file up.

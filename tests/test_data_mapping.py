@@ -1271,3 +1271,20 @@ def test_guard_restored_with_its_time_judges_the_first_reading_after_a_restart()
 )
 def test_plausible_rise(old: float, old_time: str | None, new: float, new_time: str, plausible: bool) -> None:
     assert plausible_rise(old, old_time, new, new_time, 500.0) is plausible
+
+
+def test_after_a_restart_a_reading_sent_again_up_to_the_floor_is_a_duplicate() -> None:
+    # The floor on disk was acknowledged by the central broker: the internal broker's
+    # redeliveries up to it were delivered before the restart.
+    memory = MeterMemory()
+    memory.restore_energy(METER, 100.5, minute(5))
+    processor = MeterDataProcessor(memory=memory)
+
+    outcomes = [
+        processor.process(MINUTES, energy_reading(100.4, minute(4)), 0.0, redelivered=True),
+        processor.process(MINUTES, energy_reading(100.5, minute(5)), 1.0),
+        processor.process(MINUTES, energy_reading(100.6, minute(6)), 2.0),
+    ]
+
+    assert outcomes[:2] == [dropped(DROP_DUPLICATE), dropped(DROP_DUPLICATE)]
+    assert outcomes[2] == energy_message(100.6, minute(6))

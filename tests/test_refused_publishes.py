@@ -164,7 +164,7 @@ def test_a_refusal_acknowledged_before_publish_returned_is_still_a_refusal(tmp_p
         for source_mid, energy in ((7, 101.0), (8, 102.0)):
             proxy.queue.outstanding += 1  # as _enqueue counts it
             proxy._hand_over(Outgoing(f"kpm33b/{METER}/minutes", b"{}", True, source_mid=source_mid, reading=True,
-                                      energy=(METER, energy)))
+                                      energy=(METER, energy, "20260112170000")))
         proxy.journal.flush()
         journal = proxy.journal.path.read_text()
     finally:
