@@ -72,6 +72,7 @@ from mqtt_common import (
     RateLimitedLog,
     connect_in_background,
     install_signal_handlers,
+    log_lines_dropped,
     make_client,
     network_thread_alive,
     setup_logging,
@@ -623,7 +624,7 @@ class ConfigSender:
 
     def _stats(self, now: float) -> dict[str, object]:
         return {**self._tracker.counters(), "meters": len(self._tracker.known_meters()),
-                "uptime_seconds": round(now - self._started_at)}
+                "log_lines_dropped": log_lines_dropped(), "uptime_seconds": round(now - self._started_at)}
 
     def _publish_stats(self, now: float) -> mqtt.MQTTMessageInfo | None:
         """Log the counters and publish them retained on the central broker, when connected.
