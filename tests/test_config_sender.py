@@ -811,3 +811,39 @@ def test_saves_reach_the_meters_online_now_and_silent_ones_get_the_settings_when
         for simulator in simulators:
             simulator.stop()
         proxy.terminate()
+
+
+def test_an_outage_of_the_central_broker_does_not_count_as_the_meters_silence(
+        internal_broker: Mosquitto, central_broker: Mosquitto, fleet: Callable[..., FakeMeters], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Deaf for longer than the meters' silence limit: their next readings configure nobody again."""
+    caplog.set_level(logging.DEBUG, logger="config_sender")
+    newcomer = "33B1225950029"
+    meters = fleet(**{OFFICE: "ack", newcomer: "ack"})
+    path = write_config(tmp_path / "config.yaml", internal_broker, central_broker, ack_timeout_seconds=1)
+    sender = ConfigSender(load_config(path, {}), path, environ={}, silence_scale=0.01,  # limit 1.5 s
+                          client_id_prefix="test-sender-outage")
+    sender.start()
+    try:
+        assert sender.wait_ready(10)
+        central = Central(central_broker.port)
+        central.reading(OFFICE, datetime.now())
+        central.close()
+        wait_for(lambda: sender.counters()["acked"] == 2, timeout=5)
+
+        central_broker.stop()
+        wait_for(lambda: not sender.central_ready, timeout=5)
+        wait_for(lambda: OFFICE in sender.away_meters(), timeout=5)  # silent while we could not listen
+        central_broker.start()
+        wait_for(lambda: sender.central_ready, timeout=15)
+        assert sender.away_meters() == set()
+
+        central = Central(central_broker.port)
+        central.reading(OFFICE, datetime.now())
+        central.reading(newcomer, datetime.now())  # handled after the office's reading
+        central.close()
+        wait_for(lambda: len(meters.commands(newcomer)) == 2, timeout=5)
+        assert len(meters.commands(OFFICE)) == 2
+        assert not sender_records(caplog, logging.INFO, f"meter {OFFICE} is back online")
+    finally:
+        sender.stop()
