@@ -24,6 +24,13 @@ The rules it implements:
 - Clock commands go to a meter whose live readings carry a time further than
   ``max_clock_drift_seconds`` from the local clock, at most once an hour; they
   are not retried (the hourly check is their retry).
+- A meter is *online now* unless its availability says ``offline`` or the
+  sender itself has not heard a live reading from it for longer than its
+  silence limit (``availability.silence_limit`` of the intervals it may be
+  using). The proxy's availability may be late, or stale after a proxy
+  restart; the sender's own clock is not. A configuration change goes to the
+  meters online now; a meter away is sent nothing (no command, no retry, so
+  no alert) and gets the current settings as soon as it is heard from again.
 - Deadlines live in a heap, so a thousand commands in flight cost one timer,
   not a thousand.
 """
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 
+from availability import silence_limit
 from config_loader import METER_ID_PATTERN, InternalTopics, MeterSettings
 
 OPRID_LENGTH = 32
@@ -396,6 +404,16 @@ class Cancelled:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """Nothing sent to a meter that is away (silent beyond its limit); it is configured when heard again."""
+
+    meter_id: str
+    what: str            # "the new settings" or "the retries"
+    silent_for: float    # seconds since the sender last heard from it
+    limit: float         # the silence limit it was judged by
+
+
+@dataclass(frozen=True)
 class RejectedReply:
     """A reply that could not be used; counted and logged rate-limited."""
 
@@ -412,7 +430,7 @@ class IgnoredReply:
 
 
 Event = (Discovered | WentOffline | BackOnline | ClockDrift | Acked | Failed | NoReply | LateReply
-         | Retrying | Superseded | Cancelled | RejectedReply | IgnoredReply)
+         | Retrying | Superseded | Cancelled | Deferred | RejectedReply | IgnoredReply)
 
 
 # --- the tracker -------------------------------------------------------------------
@@ -453,8 +471,13 @@ class _Slot:
 class _Meter:
     """What the tracker knows about one meter."""
 
-    offline: bool = False
+    last_heard: float                 # when the sender last heard from it (or started listening again)
+    offline: bool = False             # its availability says so
+    needs_settings: bool = False      # settings were held back while it was away
     last_clock_command_at: float | None = None
+    # The intervals it acknowledged last: its cadence may be that, not yet the configured one.
+    acked_seconds: int | None = None
+    acked_minutes: int | None = None
 
 
 COUNTER_NAMES = (
@@ -480,10 +503,13 @@ class CommandTracker:
     Owned by one thread (the daemon's worker); every method takes the current
     monotonic time. Methods return the events to log; ``pop_outgoing`` hands
     out the commands to publish and ``mark_sent`` starts their reply deadline.
+    ``silence_scale`` multiplies every silence limit (tests run meters faster
+    than real time).
     """
 
     settings: MeterSettings
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
+    silence_scale: float = 1.0
     make_oprid: Callable[[], str] = new_oprid
     recent_limit: int = RECENT_COMMANDS_LIMIT
     _meters: dict[str, _Meter] = field(default_factory=dict, init=False)
@@ -515,6 +541,29 @@ class CommandTracker:
         """The known meters whose availability is ``offline``."""
         return frozenset(m for m, state in self._meters.items() if state.offline)
 
+    def silence_limit(self, meter_id: str) -> float:
+        """How long this meter may be silent and still be online: 2.5 of its shortest interval.
+
+        Per kind the longer of the configured interval and the one it last
+        acknowledged: until it acknowledges a shorter one, it still uses the old.
+        """
+        meter = self._meters.get(meter_id)
+        seconds = self.settings.seconds_interval(meter_id)
+        minutes = self.settings.minutes_interval(meter_id)
+        if meter is not None:
+            seconds = max(seconds, meter.acked_seconds or 0)
+            minutes = max(minutes, meter.acked_minutes or 0)
+        return self.silence_scale * silence_limit(seconds, minutes)
+
+    def is_away(self, meter_id: str, now: float) -> bool:
+        """Whether a known meter is not online now: ``offline``, or silent for longer than its limit."""
+        meter = self._meters[meter_id]
+        return meter.offline or now - meter.last_heard > self.silence_limit(meter_id)
+
+    def away_meters(self, now: float) -> frozenset[str]:
+        """The known meters not online now."""
+        return frozenset(m for m in self._meters if self.is_away(m, now))
+
     def slot_status(self, meter_id: str, kind: CommandKind) -> SlotStatus | None:
         """Where the latest command of this meter and kind stands; None if never sent."""
         slot = self._slots.get((meter_id, kind))
@@ -532,19 +581,24 @@ class CommandTracker:
 
     # -- what the daemon feeds in
 
-    def observe_availability(self, meter_id: str, state: str, now: float) -> list[Event]:
-        """A meter's ``online``/``offline`` state (retained or live) from the central broker."""
+    def observe_availability(self, meter_id: str, state: str, now: float, retained: bool = False) -> list[Event]:
+        """A meter's ``online``/``offline`` state from the central broker.
+
+        A live ``online`` means the proxy just heard the meter: it counts as
+        hearing from it. A retained one (delivered on subscribing) may be old:
+        it discovers a meter, and ends an ``offline``, but does not refresh
+        the time the meter was last heard.
+        """
         meter = self._meters.get(meter_id)
         if meter is None:
             offline = state == "offline"
-            self._meters[meter_id] = _Meter(offline=offline)
+            self._meters[meter_id] = _Meter(last_heard=now, offline=offline)
             return self._discover(meter_id, AVAILABILITY, offline, now)
         if state == "offline" and not meter.offline:
             meter.offline = True
             return [WentOffline(meter_id), *self._cancel_meter(meter_id, "meter went offline", unsent_only=True)]
-        if state == "online" and meter.offline:
-            meter.offline = False
-            return [BackOnline(meter_id), *self._configure(meter_id, now)]
+        if state == "online" and (meter.offline or not retained):
+            return self._heard(meter_id, now)
         return []
 
     def observe_reading(self, meter_id: str, leaf: str, meter_time: datetime | None, retained: bool,
@@ -557,11 +611,10 @@ class CommandTracker:
         events: list[Event] = []
         meter = self._meters.get(meter_id)
         if meter is None:
-            meter = self._meters[meter_id] = _Meter()
+            meter = self._meters[meter_id] = _Meter(last_heard=now)
             events += self._discover(meter_id, leaf, False, now)
-        elif meter.offline and not retained:
-            meter.offline = False
-            events += [BackOnline(meter_id), *self._configure(meter_id, now)]
+        elif not retained:
+            events += self._heard(meter_id, now)
         if retained or meter_time is None or not self.settings.clock_sync or meter_id in self.settings.exclude:
             return events
         if clock_needs_setting(meter_time, local_now, self.settings.max_clock_drift_seconds,
@@ -573,14 +626,32 @@ class CommandTracker:
         return events
 
     def apply_settings(self, settings: MeterSettings, now: float) -> list[Event]:
-        """A new, valid configuration: every known meter is configured again, as if just discovered."""
-        self.settings = settings
+        """A new, valid configuration (or a reload): every meter online now is configured again.
+
+        A meter away gets nothing now (a ``Deferred`` each), and the current
+        settings when it is next heard from.
+        """
         events: list[Event] = []
+        # Who is away is judged with the old settings: the cadences the meters have now.
+        away = {m: self.silence_limit(m) for m in self.away_meters(now)}
+        self.settings = settings
         for meter_id in sorted(self._meters.keys() & settings.exclude):
             events += self._cancel_meter(meter_id, "meter is now excluded", unsent_only=False)
         for meter_id in meters_to_configure(self._meters, self.offline_meters(), settings):
-            events += self._configure(meter_id, now)
+            if meter_id in away:
+                events += self._defer(meter_id, "the new settings", now, away[meter_id])
+            else:
+                events += self._configure(meter_id, now)
         return events
+
+    def resume_listening(self, now: float) -> None:
+        """The sender (re)subscribed on the central broker: silence while it was deaf says nothing.
+
+        Without this, every meter would look away after an outage of our own
+        central connection, and be configured again at its next reading.
+        """
+        for meter in self._meters.values():
+            meter.last_heard = max(meter.last_heard, now)
 
     def observe_reply(self, payload: bytes, now: float) -> list[Event]:
         """A message on a reply topic, received at ``now``: ack, failure, late, or rejected."""
@@ -695,6 +766,11 @@ class CommandTracker:
             slot = self._slots.get((meter_id, kind))
             if slot is None or slot.retry_token != token or slot.status is not SlotStatus.RETRY_SCHEDULED:
                 continue
+            if self.is_away(meter_id, now):
+                # Its other retries go too: one line per meter.
+                slot.status = SlotStatus.CANCELLED
+                events += self._defer(meter_id, "the retries", now, self.silence_limit(meter_id))
+                continue
             self._counts["retried"] += 1
             retry, superseded = self._issue(meter_id, kind, interval_value(self.settings, meter_id, kind),
                                             slot.attempt + 1)
@@ -714,10 +790,30 @@ class CommandTracker:
             events += self._configure(meter_id, now)
         return events
 
+    def _heard(self, meter_id: str, now: float) -> list[Event]:
+        """A live sign of a known meter: back after being away, or held-back settings, configure it."""
+        meter = self._meters[meter_id]
+        was_away = self.is_away(meter_id, now)
+        meter.offline = False
+        meter.last_heard = now
+        if was_away:
+            return [BackOnline(meter_id), *self._configure(meter_id, now)]
+        if meter.needs_settings:
+            return self._configure(meter_id, now)
+        return []
+
+    def _defer(self, meter_id: str, what: str, now: float, limit: float) -> list[Event]:
+        """Send a meter away nothing now (queued commands and retries dropped); configure it when heard again."""
+        meter = self._meters[meter_id]
+        meter.needs_settings = meter_id not in self.settings.exclude
+        events: list[Event] = [Deferred(meter_id, what, now - meter.last_heard, limit)]
+        return events + self._cancel_meter(meter_id, "meter is away", unsent_only=True)
+
     def _configure(self, meter_id: str, now: float) -> list[Event]:
         """Queue both interval commands for a meter (nothing for an excluded one)."""
         if meter_id in self.settings.exclude:
             return []
+        self._meters[meter_id].needs_settings = False
         events: list[Event] = []
         for kind in INTERVAL_KINDS:
             events += self._issue(meter_id, kind, interval_value(self.settings, meter_id, kind), 0)[1]
@@ -755,9 +851,20 @@ class CommandTracker:
         self._remember(pending, Outcome.ACKED if ok else Outcome.FAILED)
         if ok:
             self._counts["acked"] += 1
+            self._accepted(command)
             return [Acked(command, latency)]
         self._counts["failed"] += 1
         return [Failed(command, reply.msg, latency)]
+
+    def _accepted(self, command: Command) -> None:
+        """The meter now uses this interval: its silence limit follows."""
+        meter = self._meters.get(command.meter_id)
+        if meter is None:
+            return
+        if command.kind is CommandKind.SECONDS_INTERVAL:
+            meter.acked_seconds = int(command.value)
+        elif command.kind is CommandKind.MINUTES_INTERVAL:
+            meter.acked_minutes = int(command.value)
 
     def _time_out(self, oprid: str, pending: _Pending, now: float) -> list[Event]:
         del self._pending[oprid]
@@ -785,7 +892,9 @@ class CommandTracker:
         finished.outcome = Outcome.LATE
         self._counts["late"] += 1
         ok = reply.code == "01"
-        if not ok:
+        if ok:
+            self._accepted(command)
+        else:
             self._counts["failed"] += 1
         stopped = False
         slot = self._slots.get((command.meter_id, command.kind))

@@ -48,6 +48,7 @@ from command_tracking import (
     ClockDrift,
     Command,
     CommandTracker,
+    Deferred,
     Discovered,
     Event,
     Failed,
@@ -59,6 +60,7 @@ from command_tracking import (
     Superseded,
     WentOffline,
     central_subscriptions,
+    meters_to_configure,
     parse_availability,
     parse_central_topic,
     parse_reading_time,
@@ -71,6 +73,7 @@ from mqtt_common import (
     RateLimitedLog,
     connect_in_background,
     install_signal_handlers,
+    log_lines_dropped,
     make_client,
     network_thread_alive,
     refusal,
@@ -173,8 +176,9 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
 class ConfigSender:
     """The configuration-flow daemon, startable and stoppable in-process (tests) or from ``main``.
 
-    ``config_path`` is watched for changes when given. ``retry_delays`` and the
-    client ids can be overridden so that tests run quickly and side by side.
+    ``config_path`` is watched for changes when given. ``retry_delays``,
+    ``silence_scale`` (multiplies every meter's silence limit) and the client
+    ids can be overridden so that tests run quickly and side by side.
     """
 
     def __init__(
@@ -185,13 +189,14 @@ class ConfigSender:
         environ: Mapping[str, str] | None = None,
         notifier: SystemdNotifier | None = None,
         retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
+        silence_scale: float = 1.0,
         client_id_prefix: str | None = None,
     ) -> None:
         self._config = config
         self._config_path = config_path
         self._environ: Mapping[str, str] = environ if environ is not None else {}
         self._notifier = notifier
-        self._tracker = CommandTracker(config.meters, retry_delays=retry_delays)
+        self._tracker = CommandTracker(config.meters, retry_delays=retry_delays, silence_scale=silence_scale)
         # Guards the tracker against readers on other threads; only the worker writes.
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_WorkItem] = queue.SimpleQueue()
@@ -304,6 +309,11 @@ class ConfigSender:
         """Every meter id discovered so far, excluded ones included."""
         with self._lock:
             return self._tracker.known_meters()
+
+    def away_meters(self) -> frozenset[str]:
+        """The known meters not online now: ``offline``, or not heard from for longer than their limit."""
+        with self._lock:
+            return self._tracker.away_meters(time.monotonic())
 
     def is_healthy(self) -> bool:
         """Both network threads alive and the worker looping: the systemd watchdog's question."""
@@ -449,6 +459,9 @@ class ConfigSender:
             case _CentralSubscribed(ok=ok):
                 if not ok:
                     logger.error("central broker refused the subscription to the meter topics")
+                elif not self._central_ready:
+                    # Deaf until now: the meters' silence meanwhile says nothing about them.
+                    self._tracker.resume_listening(time.monotonic())
                 self._central_ready = ok
                 self._check_ready()
             case _Disconnected(broker="central"):
@@ -499,7 +512,7 @@ class ConfigSender:
             if state is None:
                 logger.debug("ignored availability %r on %s", item.payload[:40], item.topic)
                 return
-            events = self._tracker.observe_availability(topic.meter_id, state, now)
+            events = self._tracker.observe_availability(topic.meter_id, state, now, retained=item.retained)
         else:
             meter_time = parse_reading_time(item.payload)
             events = self._tracker.observe_reading(topic.meter_id, topic.leaf, meter_time, item.retained,
@@ -571,10 +584,14 @@ class ConfigSender:
                                central_broker_topics=old.central_broker_topics)
         if new.logging.level != old.logging.level:
             logging.getLogger().setLevel(new.logging.level)
-        known = len(self._tracker.known_meters())
-        logger.info("configuration reloaded from %s (%s); configuring %d known meters again",
-                    self._config_path, describe(self._config), known)
-        for event in self._tracker.apply_settings(self._config.meters, time.monotonic()):
+        targets = meters_to_configure(self._tracker.known_meters(), self._tracker.offline_meters(),
+                                      self._config.meters)
+        events = self._tracker.apply_settings(self._config.meters, time.monotonic())
+        away = sum(isinstance(event, Deferred) for event in events)
+        logger.info("configuration reloaded from %s (%s); configuring the %d meters online now again%s",
+                    self._config_path, describe(self._config), len(targets) - away,
+                    f"; {away} away get it when heard from again" if away else "")
+        for event in events:
             self._log_event(event)
 
     # --- log lines ------------------------------------------------------------------------
@@ -622,6 +639,9 @@ class ConfigSender:
                                meter_time.isoformat(), abs(drift), "ahead of" if drift > 0 else "behind")
             case Superseded(command=command):
                 logger.debug("superseded %s", command.describe())
+            case Deferred(meter_id=meter_id, what=what, silent_for=silent_for, limit=limit):
+                logger.info("meter %s is away (silent for %.0f s, limit %.0f s): %s held back until it is "
+                            "heard from again", meter_id, silent_for, limit, what)
             case Cancelled(command=command, reason=reason):
                 logger.info("dropped %s: %s", command.describe(), reason)
             case RejectedReply(reason=reason, detail=detail):
@@ -636,7 +656,7 @@ class ConfigSender:
 
     def _stats(self, now: float) -> dict[str, object]:
         return {**self._tracker.counters(), "meters": len(self._tracker.known_meters()),
-                "uptime_seconds": round(now - self._started_at)}
+                "log_lines_dropped": log_lines_dropped(), "uptime_seconds": round(now - self._started_at)}
 
     def _publish_stats(self, now: float) -> mqtt.MQTTMessageInfo | None:
         """Log the counters and publish them retained on the central broker, when connected.

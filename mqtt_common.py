@@ -1,14 +1,17 @@
 """What both daemons do with MQTT and with their process, written once.
 
 Client construction (MQTT 5, credentials, TLS with host-name verification,
-last will, reconnect backoff), logging with syslog priorities for journald,
-rate-limited logging of hostile input, thread-safe counters and the
-SIGTERM/SIGINT handling. The daemons stay thin wiring on top of this.
+last will, reconnect backoff), logging with syslog priorities for journald
+that never blocks the caller, rate-limited logging of hostile input,
+thread-safe counters and the SIGTERM/SIGINT/SIGHUP handling. The daemons stay
+thin wiring on top of this.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import random
 import signal
 import socket
@@ -18,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -56,6 +59,10 @@ SESSION_TAKEN_OVER = "Session taken over"
 # taken for a fight over one client id (see ConnectionReporter.disconnected).
 SHORT_LIVED_SECONDS = 10.0
 SHORT_LIVED_LIMIT = 2
+# Log lines waiting for standard output; beyond this many they are dropped (and counted).
+LOG_QUEUE_LINES = 10_000
+# How long flushing (at exit) waits for the last lines to be written.
+LOG_FLUSH_SECONDS = 2.0
 
 
 class _JournalFormatter(logging.Formatter):
@@ -66,17 +73,171 @@ class _JournalFormatter(logging.Formatter):
         return f"<{priority}>{record.name}: {super().format(record)}"
 
 
-def setup_logging(level: str, environ: Mapping[str, str]) -> None:
-    """Log one line per event to stdout; with syslog priorities under systemd.
+class NonBlockingStreamHandler(logging.Handler):
+    """Writes log lines to a stream from a thread of its own: logging never blocks the caller.
+
+    A daemon's standard output may be a pipe nobody reads (it fills and every
+    write blocks: a network thread stuck in a log call stops the data flow)
+    or one closed at the other end (every write fails: the standard
+    ``StreamHandler`` prints a traceback per line). Here the caller only
+    formats the line and puts it on a queue; one writer thread writes the
+    lines in order. When ``capacity`` lines are waiting, further lines are
+    dropped and counted (``dropped``), and so are lines whose write failed
+    (``BrokenPipeError`` and any other ``OSError``), without a traceback:
+    losing log lines is better than stopping the readings. Once writing works
+    again, one WARNING line says how many were lost.
+
+    The queue is a ``SimpleQueue``, whose ``put`` is reentrant, so a signal
+    handler may log. ``flush()`` waits (at most ``flush_timeout``) until the
+    lines logged before it are written, and ``close()`` (called by
+    ``logging.shutdown`` at exit) flushes first: the last lines before an exit
+    reach the journal. A file descriptor is written with ``os.write`` on a
+    duplicate of its own, so that the stream's buffer (and its lock, and the
+    interpreter's flush of it at exit) never meets a blocked writer.
+    """
+
+    def __init__(self, stream: TextIO, capacity: int = LOG_QUEUE_LINES,
+                 flush_timeout: float = LOG_FLUSH_SECONDS) -> None:
+        super().__init__()
+        self._stream = stream
+        self._fd = _duplicate_fd(stream)
+        self._capacity = capacity
+        self._flush_timeout = flush_timeout
+        self._queue: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
+        self._overflowed = 0   # lines dropped by ``emit`` (callers' threads, under the handler's lock)
+        self._failed = 0       # lines whose write failed (the writer thread only)
+        self._reported = 0     # of the dropped lines, how many a WARNING line has told of
+        self._closed = False
+        self._last_flush: threading.Event | None = None
+        self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost so far: the queue was full, or standard output failed."""
+        return self._overflowed + self._failed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Format the line here, write it later: never waits for the stream."""
+        if self._closed:
+            return
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)  # a bug in a log call, not the stream
+            return
+        if self._queue.qsize() >= self._capacity:
+            self._overflowed += 1
+            return
+        self._queue.put(line)
+
+    def flush(self) -> None:
+        """Wait until every line logged so far is written (or lost), at most ``flush_timeout`` seconds.
+
+        Once a flush has timed out (the stream takes nothing), later ones do
+        not wait again: an exit must not wait for a pipe nobody reads.
+        """
+        if self._closed or not self._writer.is_alive() or self._stuck():
+            return
+        written = threading.Event()
+        self._last_flush = written
+        self._queue.put(written)
+        written.wait(self._flush_timeout)
+
+    def close(self) -> None:
+        """Write what is waiting (within ``flush_timeout``), then stop the writer."""
+        if not self._closed:
+            self.flush()
+            self._closed = True
+            self._queue.put(None)
+            self._writer.join(0.0 if self._stuck() else self._flush_timeout)
+            if not self._writer.is_alive() and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        super().close()
+
+    def _stuck(self) -> bool:
+        return self._last_flush is not None and not self._last_flush.is_set()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 500:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            lines: list[str] = []
+            for item in batch:
+                if isinstance(item, str):
+                    lines.append(item)
+                    continue
+                self._write_lines(lines)  # everything before a flush marker or the end
+                lines = []
+                if item is None:
+                    return
+                item.set()
+            self._write_lines(lines)
+
+    def _write_lines(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        dropped = self.dropped
+        missed = dropped - self._reported
+        if missed:
+            lines.insert(0, self.format(logging.makeLogRecord({
+                "name": "logging", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"{missed} log lines were dropped: standard output was not read, or closed"})) + "\n")
+        if self._write("".join(lines)):
+            self._reported = dropped
+        else:
+            self._failed += len(lines) - (1 if missed else 0)
+
+    def _write(self, text: str) -> bool:
+        try:
+            if self._fd is None:
+                self._stream.write(text)
+                self._stream.flush()
+                return True
+            view = memoryview(text.encode("utf-8", "backslashreplace"))
+            while view:
+                view = view[os.write(self._fd, view):]
+        except (OSError, ValueError):  # BrokenPipeError, a closed stream, a full disk …
+            return False
+        return True
+
+
+def _duplicate_fd(stream: TextIO) -> int | None:
+    """A descriptor of our own for the stream's file, or None when it has none (tests' StringIO)."""
+    try:
+        return os.dup(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def log_lines_dropped() -> int:
+    """How many log lines the daemon's standard output lost so far (for its stats)."""
+    return sum(handler.dropped for handler in logging.getLogger().handlers
+               if isinstance(handler, NonBlockingStreamHandler))
+
+
+def setup_logging(level: str, environ: Mapping[str, str], stream: TextIO | None = None) -> None:
+    """Log one line per event to stdout (or ``stream``); with syslog priorities under systemd.
 
     ``$JOURNAL_STREAM`` is set by systemd when stdout goes to the journal.
+    The handler never blocks the caller (``NonBlockingStreamHandler``):
+    under systemd the journal reads the lines; elsewhere nobody may, and
+    losing lines is better than stopping the data flow.
     """
-    handler = logging.StreamHandler(sys.stdout)
+    handler = NonBlockingStreamHandler(stream if stream is not None else sys.stdout)
     if environ.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    for previous in root.handlers:
+        if isinstance(previous, NonBlockingStreamHandler):
+            previous.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("paho").setLevel(logging.WARNING)

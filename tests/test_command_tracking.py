@@ -25,6 +25,7 @@ from command_tracking import (
     Command,
     CommandKind,
     CommandTracker,
+    Deferred,
     Discovered,
     Failed,
     IgnoredReply,
@@ -299,6 +300,9 @@ def test_no_reply_alerts_and_retries_with_growing_delays_then_gives_up() -> None
     assert state.tick(76.5) == [Retrying(seconds_cmd(4, attempt=2), 3)]
     state.take_outgoing(76.5, LOCAL_NOW, 10)
     assert state.tick(79.5) == [NoReply(seconds_cmd(4, attempt=2), 3.0, 300.0, 3)]
+    # Still sending readings (so online), just not answering commands.
+    for heard in (100.0, 200.0, 300.0):
+        assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=heard, local_now=LOCAL_NOW) == []
     assert state.tick(379.5) == [Retrying(seconds_cmd(5, attempt=3), 3)]
     state.take_outgoing(380.0, LOCAL_NOW, 10)
     assert state.tick(383.0) == [NoReply(seconds_cmd(5, attempt=3), 3.0, None, 3)]
@@ -426,11 +430,123 @@ def test_thousand_silent_meters_all_time_out_in_one_tick() -> None:
     assert state.counters()["alerted"] == 2000
 
 
+# --- meters that are away: offline, or silent beyond their limit ------------------------------
+
+
+def acked_discovery(state: CommandTracker, meter_ids: list[str], now: float) -> None:
+    """Discover the meters at ``now`` and acknowledge their interval commands at once."""
+    for meter_id in meter_ids:
+        state.observe_availability(meter_id, "online", now)
+    for command in state.take_outgoing(now, LOCAL_NOW, 100):
+        assert state.observe_reply(reply(int(command.oprid), meter_id=command.meter_id), now) != []
+
+
+def test_silence_limit_is_2_5_times_the_shortest_interval_of_each_meter() -> None:
+    state = tracker()
+    acked_discovery(state, [OFFICE, HEAT_PUMP], 0.0)
+    assert state.silence_limit(OFFICE) == 150.0       # 60 s / 1 min
+    assert state.silence_limit(HEAT_PUMP) == 75.0     # its own 30 s
+    assert tracker(silence_scale=0.1).silence_limit(OFFICE) == 15.0
+    assert state.away_meters(75.0) == set()
+    assert state.away_meters(75.5) == {HEAT_PUMP}
+    assert state.away_meters(150.5) == {HEAT_PUMP, OFFICE}
+
+
+def test_a_save_goes_to_the_meters_online_now_and_a_silent_one_gets_it_when_heard_again() -> None:
+    state = tracker()
+    acked_discovery(state, [OFFICE, HEAT_PUMP], 0.0)
+    state.observe_reading(OFFICE, "seconds", None, retained=False, now=100.0, local_now=LOCAL_NOW)
+    new_settings = MeterSettings(upload_frequency_seconds=300, upload_frequency_minutes=5)
+
+    # The heat pump (limit 75 s) has been silent for 160 s; the office was heard 60 s ago.
+    assert state.apply_settings(new_settings, 160.0) == [Deferred(HEAT_PUMP, "the new settings", 160.0, 75.0)]
+    assert state.take_outgoing(160.0, LOCAL_NOW, 10) == [seconds_cmd(5, value="300"), minutes_cmd(6, value="5")]
+    assert state.tick(1000.0) == [NoReply(seconds_cmd(5, value="300"), 3.0, 10.0, 3),
+                                  NoReply(minutes_cmd(6, value="5"), 3.0, 10.0, 3)]
+
+    assert state.observe_reading(HEAT_PUMP, "minutes", None, retained=False, now=2000.0, local_now=LOCAL_NOW) == [
+        BackOnline(HEAT_PUMP)]
+    assert state.take_outgoing(2000.0, LOCAL_NOW, 10) == [
+        seconds_cmd(7, HEAT_PUMP, "300"), minutes_cmd(8, HEAT_PUMP, "5")]
+
+
+def test_a_meter_offline_by_its_availability_is_not_deferred_but_configured_when_back() -> None:
+    state = tracker()
+    acked_discovery(state, [OFFICE], 0.0)
+    state.observe_availability(OFFICE, "offline", 1.0)
+    assert state.apply_settings(MeterSettings(upload_frequency_seconds=300), 2.0) == []
+    assert state.take_outgoing(2.0, LOCAL_NOW, 10) == []
+    assert state.observe_availability(OFFICE, "online", 3.0) == [BackOnline(OFFICE)]
+    assert state.take_outgoing(3.0, LOCAL_NOW, 10) == [seconds_cmd(3, value="300"), minutes_cmd(4)]
+
+
+def test_retries_to_a_meter_gone_silent_are_dropped_without_an_alert() -> None:
+    state = tracker(silence_scale=0.1)  # limit 15 s
+    state.observe_availability(OFFICE, "online", 0.0)
+    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    assert len(state.tick(3.0)) == 2  # the two commands sent while it was online: alerted, retry in 10 s
+    assert state.tick(13.0) == [Retrying(seconds_cmd(3, attempt=1), 3), Retrying(minutes_cmd(4, attempt=1), 3)]
+    state.take_outgoing(13.0, LOCAL_NOW, 10)
+    assert len(state.tick(16.0)) == 2  # alerted again, retry in 60 s
+    assert state.tick(76.0) == [Deferred(OFFICE, "the retries", 76.0, 15.0)]
+    assert state.take_outgoing(76.0, LOCAL_NOW, 10) == []
+    assert state.tick(100000.0) == []
+    assert state.next_wakeup() is None
+    assert (state.counters()["alerted"], state.counters()["retried"]) == (4, 2)
+    assert state.slot_status(OFFICE, CommandKind.SECONDS_INTERVAL) is SlotStatus.CANCELLED
+
+    assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=200000.0, local_now=LOCAL_NOW) == [
+        BackOnline(OFFICE)]
+    assert state.take_outgoing(200000.0, LOCAL_NOW, 10) == [seconds_cmd(5), minutes_cmd(6)]
+
+
+def test_live_availability_online_counts_as_hearing_the_meter_a_retained_one_does_not() -> None:
+    state = tracker()
+    acked_discovery(state, [OFFICE], 0.0)
+    assert state.observe_availability(OFFICE, "online", 140.0, retained=True) == []
+    assert state.is_away(OFFICE, 151.0)
+    assert state.observe_availability(OFFICE, "online", 151.0) == [BackOnline(OFFICE)]
+    assert state.take_outgoing(151.0, LOCAL_NOW, 10) == [seconds_cmd(3), minutes_cmd(4)]
+    assert state.observe_availability(OFFICE, "online", 290.0) == []
+    assert not state.is_away(OFFICE, 300.0)
+
+
+def test_silence_while_the_sender_was_not_listening_does_not_count() -> None:
+    state = tracker()
+    acked_discovery(state, [OFFICE, HEAT_PUMP], 0.0)
+    # Our own central connection is down from 10 s to 1000 s; a save meanwhile defers both.
+    assert [e.meter_id for e in state.apply_settings(MeterSettings(upload_frequency_seconds=300), 500.0)] == [
+        HEAT_PUMP, OFFICE]
+    state.resume_listening(1000.0)
+    assert state.away_meters(1000.0) == set()
+    # Not "back online" (it was not away), but the held-back settings go out now.
+    assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=1010.0, local_now=LOCAL_NOW) == []
+    assert state.take_outgoing(1010.0, LOCAL_NOW, 10) == [seconds_cmd(5, value="300"), minutes_cmd(6)]
+    # Nothing held back for the office any more: its next reading sends nothing.
+    assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=1020.0, local_now=LOCAL_NOW) == []
+    assert state.take_outgoing(1020.0, LOCAL_NOW, 10) == []
+
+
+def test_silence_limit_follows_the_longer_of_the_configured_and_the_acknowledged_intervals() -> None:
+    slow = MeterSettings(upload_frequency_seconds=3600, upload_frequency_minutes=60)
+    state = tracker(settings=slow)
+    acked_discovery(state, [OFFICE], 0.0)
+    assert state.silence_limit(OFFICE) == 9000.0
+    # Faster intervals: until the meter acknowledges them, it still reports hourly.
+    assert state.apply_settings(MeterSettings(upload_frequency_seconds=30, upload_frequency_minutes=1), 5000.0) == []
+    seconds, minutes = state.take_outgoing(5000.0, LOCAL_NOW, 10)
+    assert state.silence_limit(OFFICE) == 9000.0
+    state.observe_reply(reply(int(minutes.oprid)), 5000.5)
+    assert state.silence_limit(OFFICE) == 150.0  # energy every minute now; power still hourly
+    state.observe_reply(reply(int(seconds.oprid)), 5000.5)
+    assert state.silence_limit(OFFICE) == 75.0
+
+
 # --- the meter clock -------------------------------------------------------------------
 
 
 def test_meter_clock_in_2005_gets_a_clock_command_at_most_hourly() -> None:
-    state = tracker()
+    state = tracker(silence_scale=100.0)  # the readings between those below are left out
     events = state.observe_reading(OFFICE, "seconds", datetime(2005, 1, 1), retained=False, now=0.0,
                                    local_now=LOCAL_NOW)
     drift = (datetime(2005, 1, 1) - LOCAL_NOW).total_seconds()

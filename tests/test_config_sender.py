@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from broker import Mosquitto, wait_for
+from daemons import DaemonProcess
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -35,6 +36,7 @@ from paho.mqtt.properties import Properties
 from config_loader import load_config
 from config_sender import ConfigSender
 from mqtt_common import ALERT
+from tools.meter_simulator import MeterSimulator
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAT_PUMP = "33B1225950027"
@@ -619,7 +621,8 @@ def test_daemon_process_alerts_with_syslog_priority_1_notifies_systemd_and_exits
 
 def test_check_config_on_a_bad_file_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("meters:\n  upload_frequency_seconds: 61\n  ack_timeout_seconds: -1\n  colour: blue\n")
+    path.write_text("central_broker: {host: 127.0.0.1}\n"
+                    "meters:\n  upload_frequency_seconds: 61\n  ack_timeout_seconds: -1\n  colour: blue\n")
     result = subprocess.run([sys.executable, str(ROOT / "config_sender.py"), "--config", str(path),
                              "--check-config"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
@@ -727,3 +730,120 @@ def test_check_config_on_an_empty_file_or_one_without_the_central_broker_exits_2
     assert result.returncode == 2
     assert "valid (" not in result.stdout
     assert problem in result.stderr
+
+
+# --- meters that are not there ---------------------------------------------------------------
+
+
+def test_saves_reach_the_meters_online_now_and_silent_ones_get_the_settings_when_heard_again(
+        internal_broker: Mosquitto, central_broker: Mosquitto, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two meters fall silent; the proxy still says ``online`` (its limit is 75 s). Four saves: no ALERT.
+
+    The simulator runs its meters at 1/100 of real time (intervals of 0.25 s,
+    commanded intervals scaled by 0.01), and the sender's silence limits are
+    scaled to match: 30 s / 1 min intervals give 2.5 x 30 s = 75 s, here 6 s.
+    """
+    caplog.set_level(logging.DEBUG, logger="config_sender")
+    live, gone = ["33B1225960001", "33B1225960002"], ["33B1225960003", "33B1225960004"]
+    sections = {"meters": {"upload_frequency_seconds": 30, "upload_frequency_minutes": 1, "ack_timeout_seconds": 1},
+                "logging": {"level": "DEBUG"}}
+    (tmp_path / "proxy").mkdir()
+    proxy_path = tmp_path / "proxy" / "config.yaml"
+    proxy_path.write_text(yaml.safe_dump({"internal_broker": {"host": "127.0.0.1", "port": internal_broker.port},
+                                          "central_broker": {"host": "127.0.0.1", "port": central_broker.port},
+                                          **sections}))
+    proxy = DaemonProcess("kpm33b_proxy.py", proxy_path)
+    path = tmp_path / "config.yaml"
+
+    def save(minutes: int) -> None:
+        document = yaml.safe_load(proxy_path.read_text())
+        document["meters"]["upload_frequency_minutes"] = minutes
+        path.write_text(yaml.safe_dump(document))
+
+    save(1)
+    sender = ConfigSender(load_config(path, {}), path, environ={}, silence_scale=0.08,
+                          client_id_prefix="test-sender-silence")
+    simulators: list[MeterSimulator] = []
+
+    def simulate(meter_ids: list[str]) -> MeterSimulator:
+        simulator = MeterSimulator("127.0.0.1", internal_broker.port, meter_ids, seconds_interval=0.25,
+                                   minutes_interval=0.5, interval_scale=0.01)
+        simulators.append(simulator)
+        simulator.start()
+        assert simulator.wait_connected(10)
+        return simulator
+
+    def got(simulator: MeterSimulator, meter_id: str, cmd: str, value: str) -> bool:
+        return any(c.meter_id == meter_id and c.payload.get("Cmd") == cmd and c.payload.get("value") == value
+                   for c in simulator.received_commands)
+
+    def sent_to(meter_id: str) -> int:
+        return len([r for r in sender_records(caplog, logging.DEBUG, f"sent meter {meter_id} ")])
+
+    try:
+        sender.start()
+        assert sender.wait_ready(10)
+        present = simulate(live)
+        leaving = simulate(gone)
+        wait_for(lambda: sender.counters()["acked"] == 8, timeout=15)
+        leaving.stop()
+        wait_for(lambda: sender.away_meters() == set(gone), timeout=15)
+        assert sender.away_meters() == set(gone)
+
+        for minutes in (5, 10, 15, 20):
+            save(minutes)
+            wait_for(lambda m=minutes: all(got(present, meter_id, "0001", str(m)) for meter_id in live), timeout=5)
+        wait_for(lambda: sender.counters()["pending"] == 0, timeout=5)
+        assert sender_records(caplog, ALERT) == []
+        assert [sent_to(meter_id) for meter_id in gone] == [2, 2]  # the discovery's two commands, nothing since
+        assert len(sender_records(caplog, logging.INFO, "is away")) >= 2
+
+        back = simulate(gone)  # the same meters reconnect and publish again
+        wait_for(lambda: all(got(back, meter_id, "0001", "20") and got(back, meter_id, "0000", "30")
+                             for meter_id in gone), timeout=10)
+        wait_for(lambda: sender.counters()["pending"] == 0, timeout=5)
+        assert sender_records(caplog, ALERT) == []
+        assert sender.away_meters() == set()
+        assert sender_records(caplog, logging.INFO, f"meter {gone[0]} is back online: configuring it again")
+    finally:
+        sender.stop()
+        for simulator in simulators:
+            simulator.stop()
+        proxy.terminate()
+
+
+def test_an_outage_of_the_central_broker_does_not_count_as_the_meters_silence(
+        internal_broker: Mosquitto, central_broker: Mosquitto, fleet: Callable[..., FakeMeters], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Deaf for longer than the meters' silence limit: their next readings configure nobody again."""
+    caplog.set_level(logging.DEBUG, logger="config_sender")
+    newcomer = "33B1225950029"
+    meters = fleet(**{OFFICE: "ack", newcomer: "ack"})
+    path = write_config(tmp_path / "config.yaml", internal_broker, central_broker, ack_timeout_seconds=1)
+    sender = ConfigSender(load_config(path, {}), path, environ={}, silence_scale=0.01,  # limit 1.5 s
+                          client_id_prefix="test-sender-outage")
+    sender.start()
+    try:
+        assert sender.wait_ready(10)
+        central = Central(central_broker.port)
+        central.reading(OFFICE, datetime.now())
+        central.close()
+        wait_for(lambda: sender.counters()["acked"] == 2, timeout=5)
+
+        central_broker.stop()
+        wait_for(lambda: not sender.central_ready, timeout=5)
+        wait_for(lambda: OFFICE in sender.away_meters(), timeout=5)  # silent while we could not listen
+        central_broker.start()
+        wait_for(lambda: sender.central_ready, timeout=15)
+        assert sender.away_meters() == set()
+
+        central = Central(central_broker.port)
+        central.reading(OFFICE, datetime.now())
+        central.reading(newcomer, datetime.now())  # handled after the office's reading
+        central.close()
+        wait_for(lambda: len(meters.commands(newcomer)) == 2, timeout=5)
+        assert len(meters.commands(OFFICE)) == 2
+        assert not sender_records(caplog, logging.INFO, f"meter {OFFICE} is back online")
+    finally:
+        sender.stop()

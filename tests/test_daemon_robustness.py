@@ -12,16 +12,22 @@ in-process); the proxy is used as a black box.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
+import pytest
 from broker import Mosquitto, wait_for
-from daemons import Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+from daemons import ROOT, Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
 
-from mqtt_common import install_signal_handlers
+from mqtt_common import NonBlockingStreamHandler, install_signal_handlers
+from tools.meter_simulator import MeterSimulator
 
 METER = "33B1225950027"
 
@@ -67,3 +73,228 @@ def test_sighup_calls_the_reload_callback_and_does_not_stop() -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# --- standard output nobody reads, or closed ---------------------------------------------------
+
+
+class Stdout:
+    """A daemon's standard output that is a pipe nobody reads, or one already closed at the other end."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.read_end, self.write_end = os.pipe()
+
+    def started(self) -> None:
+        """Call once the process has its copy of the write end."""
+        os.close(self.write_end)
+        if self.mode == "closed":
+            os.close(self.read_end)
+
+    def close(self) -> None:
+        if self.mode == "unread":
+            os.close(self.read_end)
+
+
+def start_daemon(script: str, config: Path, stdout: Stdout, stderr_path: Path) -> subprocess.Popen[bytes]:
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, str(ROOT / script), "--config", str(config)],
+                                   stdout=stdout.write_end, stderr=stderr, cwd=config.parent, env=environment)
+    stdout.started()
+    return process
+
+
+def stop_daemon(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, and the exit code; killed (and the test failed) if it hangs."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError("the daemon did not exit on SIGTERM") from None
+
+
+@pytest.mark.parametrize("mode", ["unread", "closed"])
+def test_config_sender_keeps_sending_when_nobody_reads_its_stdout(
+        mode: str, tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> None:
+    """300 meters at DEBUG write about 200 kB of log lines: far more than a pipe holds (64 kB)."""
+    meter_ids = [f"33B12261{n:05d}" for n in range(300)]
+    document = config_dict(internal_broker.port, central_broker.port, ack_timeout_seconds=5)
+    document["health"] = {"stats_interval_seconds": 1}
+    config = write_config(tmp_path, document)
+    simulator = MeterSimulator("127.0.0.1", internal_broker.port, meter_ids)
+    simulator.start(cadence=False)
+    stats = Collector(central_broker.port, "kpm33b/bridge/config_sender/stats")
+    stdout = Stdout(mode)
+    process = start_daemon("config_sender.py", config, stdout, tmp_path / "stderr.log")
+    try:
+        wait_for(lambda: stats.on("kpm33b/bridge/config_sender/stats"), timeout=10)
+        central = publisher(central_broker.port)
+        publish_all(central, [(f"kpm33b/{meter_id}/availability", "online") for meter_id in meter_ids])
+        wait_for(lambda: json.loads(stats.on("kpm33b/bridge/config_sender/stats")[-1])["acked"] == 600, timeout=20)
+        assert len(simulator.received_commands) == 600
+        assert process.poll() is None
+        assert stop_daemon(process) == 0
+        central.disconnect()
+        central.loop_stop()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stdout.close()
+        stats.close()
+        simulator.stop()
+    errors = (tmp_path / "stderr.log").read_text(errors="replace")
+    assert "Logging error" not in errors and "Traceback" not in errors, errors[:2000]
+
+
+@pytest.mark.parametrize("mode", ["unread", "closed"])
+def test_proxy_keeps_forwarding_when_nobody_reads_its_stdout(
+        mode: str, tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> None:
+    """2,000 repeated readings, each dropped with a DEBUG line, then fresh ones that must come out."""
+    config = write_config(tmp_path, config_dict(internal_broker.port, central_broker.port))
+    live = Collector(central_broker.port, "kpm33b/bridge/state", f"kpm33b/{METER}/minutes")
+    stdout = Stdout(mode)
+    process = start_daemon("kpm33b_proxy.py", config, stdout, tmp_path / "stderr.log")
+    client = publisher(internal_broker.port)
+    try:
+        wait_for(lambda: live.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
+        publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, 1, 100.0))] * 2000)
+        publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute, 100.0 + minute)) for minute in range(2, 12)])
+        wait_for(lambda: len(live.on(f"kpm33b/{METER}/minutes")) == 11, timeout=20)
+        assert process.poll() is None
+        assert stop_daemon(process) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stdout.close()
+        client.disconnect()
+        client.loop_stop()
+        live.close()
+    errors = (tmp_path / "stderr.log").read_text(errors="replace")
+    assert "Logging error" not in errors and "Traceback" not in errors, errors[:2000]
+
+
+# --- the handler itself --------------------------------------------------------------------------
+
+
+class PipeReader:
+    """Reads a pipe to its end on a thread of its own, from when ``start`` is called."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.data = bytearray()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PipeReader:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while chunk := os.read(self.fd, 65536):
+            self.data += chunk
+
+    def lines(self, timeout: float = 10) -> list[str]:
+        """Every line, once the pipe's write ends are all closed."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the pipe was not closed"
+        os.close(self.fd)
+        return self.data.decode().splitlines()
+
+
+def logger_to(handler: logging.Handler) -> logging.Logger:
+    """A logger of its own that writes only to ``handler``, message only."""
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"test-handler-{id(handler)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.handlers[:] = [handler]
+    return logger
+
+
+def test_every_line_arrives_in_order_when_the_stream_is_read() -> None:
+    read_end, write_end = os.pipe()
+    reader = PipeReader(read_end).start()
+    with open(write_end, "w", closefd=True) as stream:
+        handler = NonBlockingStreamHandler(stream)
+        log = logger_to(handler)
+        for number in range(5000):
+            log.info("line %d", number)
+        handler.close()  # written before close returns
+    assert reader.lines() == [f"line {number}" for number in range(5000)]
+    assert handler.dropped == 0
+
+
+def test_a_stream_nobody_reads_never_blocks_the_caller_and_drops_are_counted_then_told() -> None:
+    read_end, write_end = os.pipe()
+    stream = open(write_end, "w", closefd=True)  # noqa: SIM115 (closed below)
+    handler = NonBlockingStreamHandler(stream, capacity=1000, flush_timeout=10)
+    log = logger_to(handler)
+    logged = threading.Event()
+
+    def log_a_lot() -> None:
+        for number in range(50_000):  # about 1 MB: 16 times what the pipe holds
+            log.info("line %06d", number)
+        logged.set()
+
+    threading.Thread(target=log_a_lot, daemon=True).start()
+    wait_for(logged.is_set, timeout=30)
+    dropped = handler.dropped
+    assert dropped > 0
+    reader = PipeReader(read_end).start()  # someone reads again
+    handler.flush()  # returns once what waited is written
+    log.info("after")
+    handler.close()
+    stream.close()
+    lines = reader.lines()
+    numbers = [int(line.split()[1]) for line in lines if line.startswith("line ")]
+    assert numbers == sorted(set(numbers))
+    assert len(numbers) + dropped == 50_000
+    # Each batch written after new drops says how many since the last such line.
+    told = [line for line in lines if not line.startswith("line ") and line != "after"]
+    assert all(line.endswith(" log lines were dropped: standard output was not read, or closed") for line in told)
+    assert sum(int(line.split()[0]) for line in told) == dropped
+    assert lines[-1] == "after"
+
+
+def test_a_closed_stream_costs_no_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w", closefd=True) as stream:
+        handler = NonBlockingStreamHandler(stream)
+        log = logger_to(handler)
+        for number in range(100):
+            log.info("line %d", number)
+        handler.close()
+    assert handler.dropped == 100
+    assert capsys.readouterr().err == ""
+
+
+def test_a_stream_without_a_file_descriptor_is_written_too() -> None:
+    stream = io.StringIO()
+    handler = NonBlockingStreamHandler(stream)
+    log = logger_to(handler)
+    log.info("one")
+    log.warning("two")
+    handler.flush()
+    assert stream.getvalue() == "one\ntwo\n"
+    handler.close()
+
+
+def test_the_last_lines_before_exit_are_written(tmp_path: Path) -> None:
+    script = (f"import logging, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from mqtt_common import setup_logging\n"
+              "setup_logging('INFO', {})\n"
+              "log = logging.getLogger('t')\n"
+              "for number in range(5000):\n"
+              "    log.info('line %d', number)\n"
+              "log.info('last')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stderr == ""
+    messages = [line.split(": ", 1)[1] for line in result.stdout.splitlines()]
+    assert messages == [f"line {number}" for number in range(5000)] + ["last"]

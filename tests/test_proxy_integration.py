@@ -232,7 +232,10 @@ def test_meter_goes_offline_after_silence_and_online_again(tmp_path, internal_br
         collector.close()
 
 
-@pytest.mark.parametrize(("document", "code"), [({"meters": {"upload_frequency_seconds": 45}}, 2), ({}, 0)])
+@pytest.mark.parametrize(("document", "code"), [
+    ({"central_broker": {"host": "127.0.0.1"}, "meters": {"upload_frequency_seconds": 45}}, 2),
+    ({"central_broker": {"host": "127.0.0.1"}}, 0),  # the one key a configuration must set
+])
 def test_check_config_reports_problems_with_exit_code_two(tmp_path, document, code):
     path = write_config(tmp_path, document)
     result = subprocess.run([sys.executable, str(ROOT / "kpm33b_proxy.py"), "--config", str(path), "--check-config"],
