@@ -76,7 +76,7 @@ from mqtt_common import (
     setup_logging,
 )
 from sd_notify import SystemdNotifier
-from state_store import EnergyJournal, StateLocked, StateUnusable
+from state_store import EnergyJournal, LastSeenFile, StateLocked, StateUnusable
 
 log = logging.getLogger("kpm33b_proxy")
 
@@ -92,6 +92,7 @@ EXIT_STATE_LOCKED = 3
 EXIT_STATE_UNUSABLE = 3  # as for a locked one: the internal broker keeps the readings meanwhile
 TRIM_INTERVAL_SECONDS = 60.0
 TRIM_AFTER_NEW_METERS = 1_000
+LAST_SEEN_SAVE_SECONDS = 60.0  # a restarted proxy reports a silent meter offline at most this late
 GUARD_WARNING_INTERVAL = 3600.0  # a meter's dropped energy glitches are logged at most this often
 
 
@@ -227,6 +228,7 @@ class Proxy:
         self._guard_warned: dict[str, float] = {}  # meter id → when its last energy warning was logged
         self.availability = MeterAvailability(*silence_limits(config.meters))
         self.journal = EnergyJournal(state_dir)
+        self.last_seen = LastSeenFile(state_dir)
         self.queue = OutgoingQueue(config.central_broker.max_queued_messages)
         self.discovery = DiscoveryAnnouncer.from_config(config, self.queue_publish)  # Home Assistant
         self.stopping = threading.Event()  # the publisher thread ends
@@ -259,6 +261,7 @@ class Proxy:
         self.availability_subscription = f"{self.main_topic}/+/{AVAILABILITY}"
         self._next_stats = self.started_at + config.health.stats_interval_seconds
         self._next_trim = self.started_at + TRIM_INTERVAL_SECONDS
+        self._next_last_seen_save = self.started_at + LAST_SEEN_SAVE_SECONDS
         self._meters_at_trim = 0
         self.internal.on_connect = self._on_internal_connect
         self.internal.on_disconnect = self._on_internal_disconnect
@@ -283,9 +286,7 @@ class Proxy:
         log.info("loaded the last energy of %d meters from %s%s", len(self.memory.energy_snapshot()),
                  self.journal.path, f" ({damaged} damaged lines skipped)" if damaged else "")
         self.discovery.known_meters(self.memory.energy_snapshot())
-        for meter_id in self.memory.energy_snapshot():  # known: offline if silent for its limit from now on
-            if meter_id not in self.config.meters.exclude:
-                self.availability.restore(meter_id, self.started_at, online=True)
+        self._restore_availability()
         self._publisher.start()
         if self._watcher is not None:
             self._watcher.start()
@@ -293,6 +294,32 @@ class Proxy:
         connect_in_background(self.central, self.config.central_broker)
         connect_in_background(self.internal, self.config.internal_broker, clean_start=False,
                               session_expiry=SESSION_EXPIRY_SECONDS, receive_maximum=RECEIVE_MAXIMUM)
+
+    def _restore_availability(self) -> None:
+        """The meters known before this start: each goes offline once silent for its limit.
+
+        Counted from its last reading where the state directory tells it,
+        else from this start (meters of the energy journal, and later those
+        the central broker's retained availability names).
+        """
+        excluded = self.config.meters.exclude
+        wall_offset = time.time() - time.monotonic()
+        last_seen = self.last_seen.load()
+        for meter_id, (when, online) in last_seen.items():  # oldest first
+            if meter_id not in excluded:
+                self.availability.restore(meter_id, min(when - wall_offset, self.started_at), online)
+        for meter_id in self.memory.energy_snapshot():
+            if meter_id not in excluded and meter_id not in last_seen:
+                self.availability.restore(meter_id, self.started_at, online=True)
+        if last_seen:
+            log.info("restored when %d meters were last heard from (%s)", len(last_seen), self.last_seen.path)
+
+    def _save_last_seen(self, now: float) -> None:
+        """Persist when each meter was last heard from (wall clock), for the next start."""
+        self._next_last_seen_save = now + LAST_SEEN_SAVE_SECONDS
+        wall_offset = time.time() - time.monotonic()
+        self.last_seen.save((meter_id, seen + wall_offset, online)
+                            for meter_id, seen, online in self.availability.snapshot())
 
     def run(self, stop: threading.Event) -> None:
         """The main thread's timers, until ``stop`` is set."""
@@ -345,6 +372,8 @@ class Proxy:
                 self.journal.compact()  # what the central broker acknowledged, not the filters' memory
         if self._central_connected:  # spread (re-)announcements; none piled up while away
             self.discovery.tick(now)
+        if now >= self._next_last_seen_save:
+            self._save_last_seen(now)
         if now >= self._next_stats:
             self._next_stats = now + self.config.health.stats_interval_seconds
             self.publish_stats(now)
@@ -467,6 +496,7 @@ class Proxy:
         self._publisher.join(timeout=2)
         self.central.disconnect()
         self.central.loop_stop()
+        self._save_last_seen(time.monotonic())
         with self._state_lock:
             self.journal.close()
         self.notifier.close()

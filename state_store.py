@@ -399,3 +399,81 @@ def _describe(error: OSError) -> str:
     """An OSError as one line naming the file: ``No space left on device (/var/lib/…/energy.journal.tmp)``."""
     what = error.strerror or type(error).__name__
     return f"{what} ({error.filename})" if error.filename else what
+
+
+# --- when each meter was last heard from ---------------------------------------------
+
+LAST_SEEN_NAME = "last_seen"
+LAST_SEEN_STATES = ("online", "offline")
+
+
+def parse_last_seen(lines: Iterable[bytes]) -> tuple[dict[str, tuple[float, bool]], int]:
+    """``<meter id> <unix seconds> <online|offline>`` lines as meter → (when, online); and how many were damaged."""
+    seen: dict[str, tuple[float, bool]] = {}
+    damaged = 0
+    for line in lines:
+        if not line.endswith(b"\n"):  # cut short (the file is replaced whole, so: damaged)
+            damaged += 1
+            continue
+        try:
+            meter_id, when, state = line[:-1].decode("ascii").split(" ")
+            seconds = float(when)
+        except (UnicodeDecodeError, ValueError):
+            damaged += 1
+            continue
+        if not is_valid_meter_id(meter_id) or state not in LAST_SEEN_STATES or not math.isfinite(seconds):
+            damaged += 1
+            continue
+        seen[meter_id] = (seconds, state == "online")
+    return seen, damaged
+
+
+class LastSeenFile:
+    """When each known meter's last reading came (wall clock), and whether it was online then.
+
+    Kept beside the energy journal so that a restarted proxy still reports a
+    meter that stays silent as offline at its limit, counted from its last
+    reading rather than from the restart. Rewritten whole, atomically, every
+    minute and at stop: losing the last minute of it only makes a silent
+    meter's offline come up to a minute late. Hostile input like the
+    journal: damaged lines are skipped with a WARNING; a write that fails is
+    an ERROR at most once a minute, and the proxy goes on.
+    """
+
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = directory / LAST_SEEN_NAME
+        self._clock = clock
+        self._next_error_at = 0.0
+
+    def load(self) -> dict[str, tuple[float, bool]]:
+        """The meters last seen, oldest first; empty when there is no (usable) file."""
+        try:
+            with open(self.path, "rb") as handle:
+                seen, damaged = parse_last_seen(split_lines(handle))
+        except FileNotFoundError:
+            return {}
+        except OSError as error:
+            log.warning("cannot read %s (%s): meters not heard from since the start go offline at their limit "
+                        "counted from the start", self.path, _describe(error))
+            return {}
+        if damaged:
+            log.warning("skipped %d damaged lines of %s", damaged, self.path)
+        return dict(sorted(seen.items(), key=lambda item: item[1][0]))
+
+    def save(self, entries: Iterable[tuple[str, float, bool]]) -> bool:
+        """Replace the file with ``(meter id, unix seconds, online)`` entries; False (logged) when it failed."""
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(temporary, "w", encoding="ascii") as handle:
+                handle.writelines(f"{meter_id} {when:.0f} {'online' if online else 'offline'}\n"
+                                  for meter_id, when, online in entries)
+            os.replace(temporary, self.path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            now = self._clock()
+            if now >= self._next_error_at:
+                self._next_error_at = now + ERROR_INTERVAL_SECONDS
+                log.error("cannot write %s: %s; retried in a minute", self.path, _describe(error))
+            return False
+        return True

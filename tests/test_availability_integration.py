@@ -80,3 +80,25 @@ def test_a_meter_coming_back_is_an_info_and_online_again(
     seeder.disconnect()
     client.disconnect()
     states.close()
+
+
+def test_silence_is_counted_from_the_last_reading_kept_in_the_state_directory(
+        tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> None:
+    # Heard 60 s before this start (as the state directory tells): offline about 15 s after it, not 75 s.
+    config = write_config(tmp_path, config_dict(internal_broker.port, central_broker.port,
+                                                upload_frequency_seconds=30))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "last_seen").write_text(f"{HEARD} {time.time() - 60:.0f} online\n")
+    states = Collector(central_broker.port, "kpm33b/+/availability")
+    started = time.monotonic()
+    proxy = start_proxy(config, central_broker.port)
+
+    wait_for(lambda: states.on(f"kpm33b/{HEARD}/availability")[-1:] == [b"offline"], timeout=40)
+
+    took = time.monotonic() - started
+    assert 13.0 <= took <= 25.0, f"offline after {took:.1f} s"
+    assert proxy.terminate() == 0
+    saved = (state / "last_seen").read_text().split()
+    assert saved[0] == HEARD and saved[2] == "offline" and abs(float(saved[1]) - (time.time() - 60 - took)) < 5
+    states.close()

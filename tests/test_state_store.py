@@ -15,6 +15,7 @@ from state_store import (
     MAX_LINE_BYTES,
     EnergyJournal,
     Floor,
+    LastSeenFile,
     ParsedJournal,
     StateLocked,
     format_line,
@@ -265,3 +266,32 @@ def test_a_journal_still_failing_at_close_says_so_and_holds_only_acknowledged_fl
         parsed = parse((state / "energy.journal").read_bytes())
         assert parsed.damaged == 0
         assert parsed.floors[METER].energy in [1.0, *recorded]
+
+
+# --- the last-seen file ---------------------------------------------------------------
+
+
+def test_last_seen_round_trips_oldest_first(tmp_path: Path) -> None:
+    store = LastSeenFile(tmp_path)
+    assert store.save([("33B1225950028", 1_800_000_100.4, False), ("33B1225950027", 1_800_000_000.0, True)])
+
+    assert list(store.load().items()) == [("33B1225950027", (1_800_000_000.0, True)),
+                                          ("33B1225950028", (1_800_000_100.0, False))]
+
+
+def test_last_seen_skips_damaged_lines_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "last_seen").write_bytes(b"33B1225950027 1800000000 online\n" + b"\x00" * 30 + b"\n"
+                                         + b"33B12/5950028 1800000000 online\n33B1225950029 nan online\n"
+                                         + b"33B1225950030 1800000000 maybe\n33B1225950031 18")
+
+    assert LastSeenFile(tmp_path).load() == {"33B1225950027": (1_800_000_000.0, True)}
+    assert "skipped 5 damaged lines" in caplog.text
+
+
+def test_last_seen_that_cannot_be_written_is_an_error_not_an_exception(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = LastSeenFile(tmp_path / "missing-directory")
+
+    assert store.save([("33B1225950027", 1.0, True)]) is False
+    assert store.save([("33B1225950027", 1.0, True)]) is False
+    assert caplog.text.count("cannot write") == 1
