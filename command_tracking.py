@@ -47,7 +47,8 @@ from datetime import datetime
 from enum import Enum
 
 from availability import silence_limit
-from config_loader import METER_ID_PATTERN, InternalTopics, MeterSettings
+from config_loader import InternalTopics, MeterSettings
+from topics import AVAILABILITY, command_topic, is_valid_meter_id
 
 OPRID_LENGTH = 32
 # 10 s, 1 min, 5 min: a meter that missed a command because it was busy gets it
@@ -62,10 +63,6 @@ MAX_READING_BYTES = 65536
 RECENT_COMMANDS_LIMIT = 20000
 METER_TIME_FORMAT = "%Y%m%d%H%M%S"
 
-AVAILABILITY = "availability"
-SECONDS = "seconds"
-MINUTES = "minutes"
-CENTRAL_LEAVES = (AVAILABILITY, SECONDS, MINUTES)
 
 
 class CommandKind(Enum):
@@ -134,8 +131,8 @@ class Command:
 
     def topic(self, topics: InternalTopics) -> str:
         """The meter's own command topic: a fixed prefix plus the last 8 characters of its id."""
-        prefix = topics.meter_time if self.kind is CommandKind.CLOCK else topics.meter_config
-        return prefix + self.meter_id[-8:]
+        return command_topic(topics.meter_time if self.kind is CommandKind.CLOCK else topics.meter_config,
+                             self.meter_id)
 
     def payload(self) -> str:
         """The JSON the meter expects (protocol V1.9)."""
@@ -211,47 +208,12 @@ def parse_reply(payload: bytes) -> Reply:
     if code not in ("01", "02"):
         raise InvalidReply("bad code", _preview(payload))
     meter_id = document.get("id")
-    if meter_id is not None and not (isinstance(meter_id, str) and METER_ID_PATTERN.fullmatch(meter_id)):
+    if meter_id is not None and not is_valid_meter_id(meter_id):
         raise InvalidReply("bad meter id", _preview(payload))
     msg = document.get("msg")
     if msg is not None and not isinstance(msg, str):
         msg = json.dumps(msg)[:200]
     return Reply(oprid=oprid, code=code, meter_id=meter_id, msg=msg[:200] if msg else msg)
-
-
-@dataclass(frozen=True)
-class CentralTopic:
-    """A per-meter topic on the central broker: ``<main>/<meter id>/<leaf>``."""
-
-    meter_id: str
-    leaf: str  # availability, seconds or minutes
-
-
-def central_subscriptions(main_topic: str) -> list[str]:
-    """What the sender subscribes to on the central broker, availability first.
-
-    Mosquitto delivers retained messages subscription by subscription, so a
-    restarted sender learns which meters are offline before their old
-    readings arrive, and configures only the ones that are there.
-    """
-    return [f"{main_topic}/+/{leaf}" for leaf in CENTRAL_LEAVES]
-
-
-def parse_central_topic(main_topic: str, topic: str) -> CentralTopic | None:
-    """The meter and leaf of a central topic; None for anything else (``bridge/state`` …)."""
-    prefix = main_topic + "/"
-    if not topic.startswith(prefix):
-        return None
-    parts = topic[len(prefix):].split("/")
-    if len(parts) != 2 or parts[1] not in CENTRAL_LEAVES or not METER_ID_PATTERN.fullmatch(parts[0]):
-        return None
-    return CentralTopic(meter_id=parts[0], leaf=parts[1])
-
-
-def parse_availability(payload: bytes) -> str | None:
-    """``online`` or ``offline``; None for anything else."""
-    text = payload.strip().decode("ascii", errors="replace")
-    return text if text in ("online", "offline") else None
 
 
 def parse_meter_time(value: object) -> datetime | None:

@@ -27,7 +27,8 @@ from typing import Any, NoReturn
 
 import yaml
 
-from data_mapping import METER_ID_PATTERN, PER_PHASE_GROUPS
+from data_mapping import PER_PHASE_GROUPS
+from topics import METER_ID_PATTERN
 
 ALLOWED_SECONDS_INTERVALS = (30, 60, 300, 600, 900, 1200, 1800, 3600)
 ALLOWED_MINUTES_INTERVALS = (1, 5, 10, 15, 20, 30, 60, 1440)

@@ -40,7 +40,6 @@ from typing import Any, NamedTuple
 import paho.mqtt.client as mqtt
 
 from command_tracking import (
-    AVAILABILITY,
     DEFAULT_RETRY_DELAYS,
     Acked,
     BackOnline,
@@ -59,10 +58,7 @@ from command_tracking import (
     Retrying,
     Superseded,
     WentOffline,
-    central_subscriptions,
     meters_to_configure,
-    parse_availability,
-    parse_central_topic,
     parse_reading_time,
 )
 from config_loader import Config, ConfigError, describe, load_config, load_or_exit, parse_command_line
@@ -80,6 +76,7 @@ from mqtt_common import (
     setup_logging,
 )
 from sd_notify import SystemdNotifier
+from topics import AVAILABILITY, meter_subscriptions, parse_meter_topic, parse_state, sender_stats_topic
 
 logger = logging.getLogger("config_sender")
 
@@ -217,7 +214,7 @@ class ConfigSender:
         self._status_due = 0.0
         self._started_at = time.monotonic()
         self._stats_due = self._started_at + config.health.stats_interval_seconds
-        self._stats_topic = f"{config.central_broker_topics.external_main_topic}/bridge/config_sender/stats"
+        self._stats_topic = sender_stats_topic(config.central_broker_topics.external_main_topic)
         # The signature of the file last loaded: a change notice for the same file is not a change.
         self._config_signature = file_signature(config_path) if config_path else None
         self._watcher = (ConfigWatcher(config_path, lambda: self._queue.put(_ConfigFileChanged()), log=logger)
@@ -350,7 +347,7 @@ class ConfigSender:
                     self._config.central_broker.port)
         # Subscribing on every connect makes a reconnect invisible.
         main = self._config.central_broker_topics.external_main_topic
-        client.subscribe([(topic, 1) for topic in central_subscriptions(main)])
+        client.subscribe([(topic, 1) for topic in meter_subscriptions(main)])
 
     def _on_internal_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                              _properties: Any) -> None:
@@ -502,13 +499,13 @@ class ConfigSender:
 
     def _handle_central_message(self, item: _CentralMessage) -> None:
         main = self._config.central_broker_topics.external_main_topic
-        topic = parse_central_topic(main, item.topic)
+        topic = parse_meter_topic(main, item.topic)
         if topic is None:
             logger.debug("ignored %s: not a meter topic", item.topic)
             return
         now = time.monotonic()
         if topic.leaf == AVAILABILITY:
-            state = parse_availability(item.payload)
+            state = parse_state(item.payload)
             if state is None:
                 logger.debug("ignored availability %r on %s", item.payload[:40], item.topic)
                 return

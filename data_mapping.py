@@ -35,9 +35,7 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-SECONDS = "seconds"
-MINUTES = "minutes"
-KINDS = (SECONDS, MINUTES)
+from topics import MINUTES, SECONDS, is_valid_meter_id
 
 # The tag of the one value each clean message carries, and its clean name.
 VALUE_TAGS = {SECONDS: ("zyggl", "active_power"), MINUTES: ("zygsz", "active_energy")}
@@ -54,7 +52,6 @@ PER_PHASE_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
 PER_PHASE_GROUPS = tuple(PER_PHASE_FIELDS)
 BASE_TAGS = frozenset(tag for tag, _name in VALUE_TAGS.values())
 
-METER_ID_PATTERN = re.compile(r"[0-9A-Za-z]{13}")
 METER_TIME_PATTERN = re.compile(r"[0-9]{14}")
 MAX_PAYLOAD_BYTES = 16 * 1024  # meters send well under 1 KB; JSON parsing is the costly step
 
@@ -169,16 +166,6 @@ def iso_time(meter_time: str) -> str:
     """``20260112163900`` → ``2026-01-12T16:39:00`` (the meter sends no zone)."""
     t = meter_time
     return f"{t[0:4]}-{t[4:6]}-{t[6:8]}T{t[8:10]}:{t[10:12]}:{t[12:14]}"
-
-
-def is_valid_meter_id(value: object) -> bool:
-    """Exactly 13 letters and digits: nothing that could add or match topic levels."""
-    return isinstance(value, str) and METER_ID_PATTERN.fullmatch(value) is not None
-
-
-def clean_topic(main_topic: str, meter_id: str, kind: str) -> str:
-    """``<main>/<id>/seconds`` and friends; ``meter_id`` must be valid already."""
-    return f"{main_topic}/{meter_id}/{kind}"
 
 
 def clean_payload(kind: str, meter_id: str, meter_time: str, values: dict[str, float],

@@ -33,7 +33,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from config_loader import Config, MeterSettings
-from data_mapping import MINUTES, PER_PHASE_FIELDS, SECONDS, clean_topic
+from data_mapping import PER_PHASE_FIELDS
+from topics import (
+    MINUTES,
+    SECONDS,
+    availability_topic,
+    bridge_state_topic,
+    discovery_subscription,
+    discovery_topic,
+    ha_status_topic,
+    node_id,
+    parse_discovery_topic,
+    reading_topic,
+    retained_meter_topics,
+)
 from version import __version__
 
 log = logging.getLogger("ha_discovery")
@@ -41,10 +54,6 @@ log = logging.getLogger("ha_discovery")
 ORIGIN_NAME = "kpm33b-proxy"
 MANUFACTURER = "Compere"
 MODEL = "KPM33B"
-COMPONENT = "sensor"
-NODE_PREFIX = "kpm33b_"
-NODE_ID_PATTERN = re.compile(r"kpm33b_([0-9A-Za-z]{13})")
-OBJECT_ID_PATTERN = re.compile(r"[0-9A-Za-z_-]+")
 HA_ONLINE = b"online"
 
 # A restart of Home Assistant re-announces every meter: at most this many
@@ -103,42 +112,6 @@ PER_PHASE_SENSORS: dict[str, tuple[Sensor, ...]] = {
 # --- pure functions -------------------------------------------------------------
 
 
-def node_id(meter_id: str) -> str:
-    """The discovery node id of a meter: ``kpm33b_<id>``, also its device identifier."""
-    return f"{NODE_PREFIX}{meter_id}"
-
-
-def config_topic(prefix: str, meter_id: str, object_id: str) -> str:
-    """``<prefix>/sensor/kpm33b_<id>/<object id>/config``."""
-    return f"{prefix}/{COMPONENT}/{node_id(meter_id)}/{object_id}/config"
-
-
-def config_subscription(prefix: str) -> str:
-    """The filter that finds every sensor config on the broker, ours among them."""
-    return f"{prefix}/{COMPONENT}/+/+/config"
-
-
-def status_topic(prefix: str) -> str:
-    """Where Home Assistant announces ``online`` (its birth message) and ``offline``."""
-    return f"{prefix}/status"
-
-
-def bridge_state_topic(main_topic: str) -> str:
-    """The proxy's own ``online``/``offline`` state (backed by its last will)."""
-    return f"{main_topic}/bridge/state"
-
-
-def availability_topic(main_topic: str, meter_id: str) -> str:
-    """A meter's ``online``/``offline`` state."""
-    return f"{main_topic}/{meter_id}/availability"
-
-
-def retained_meter_topics(main_topic: str, meter_id: str) -> tuple[str, ...]:
-    """The retained topics the proxy keeps per meter: cleared when the meter is excluded."""
-    return (clean_topic(main_topic, meter_id, SECONDS), clean_topic(main_topic, meter_id, MINUTES),
-            availability_topic(main_topic, meter_id))
-
-
 def per_phase_by_meter(meters: MeterSettings) -> dict[str, tuple[str, ...]]:
     """The per-phase groups of every meter that has some, for the data mapping."""
     return {meter_id: device.per_phase for meter_id, device in meters.devices.items() if device.per_phase}
@@ -166,7 +139,7 @@ def sensor_config(sensor: Sensor, meter_id: str, meters: MeterSettings, main_top
     config: dict[str, Any] = {
         "name": sensor.name,
         "unique_id": f"{node}_{sensor.field}",  # from the meter id only: stable across renames
-        "state_topic": clean_topic(main_topic, meter_id, sensor.kind),
+        "state_topic": reading_topic(main_topic, meter_id, sensor.kind),
         "value_template": f"{{{{ value_json.{sensor.field} }}}}",
         "device_class": sensor.device_class,
         "state_class": sensor.state_class,
@@ -196,7 +169,7 @@ def discovery_configs(meter_id: str, meters: MeterSettings, main_topic: str, pre
                       origin_url: str | None = None) -> dict[str, dict[str, Any]]:
     """Every discovery config of one meter: config topic → payload."""
     return {
-        config_topic(prefix, meter_id, sensor.field): sensor_config(sensor, meter_id, meters, main_topic, origin_url)
+        discovery_topic(prefix, meter_id, sensor.field): sensor_config(sensor, meter_id, meters, main_topic, origin_url)
         for sensor in sensors(meter_id, meters)
     }
 
@@ -204,25 +177,6 @@ def discovery_configs(meter_id: str, meters: MeterSettings, main_topic: str, pre
 def encode_config(config: Mapping[str, Any]) -> bytes:
     """A discovery payload as published: JSON, UTF-8 names kept readable."""
     return json.dumps(config, ensure_ascii=False).encode()
-
-
-def parse_config_topic(topic: str, prefix: str) -> tuple[str, str] | None:
-    """``(meter id, object id)`` of one of our config topics; None for anything else.
-
-    Only node ids ``kpm33b_<13 letters and digits>`` are ours: configs of other
-    software under the same prefix are never touched.
-    """
-    start = f"{prefix}/{COMPONENT}/"
-    if not topic.startswith(start):
-        return None
-    levels = topic[len(start):].split("/")
-    if len(levels) != 3 or levels[2] != "config":
-        return None
-    node, object_id = levels[0], levels[1]
-    match = NODE_ID_PATTERN.fullmatch(node)
-    if match is None or not OBJECT_ID_PATTERN.fullmatch(object_id):
-        return None
-    return match.group(1), object_id
 
 
 def is_wanted(meter_id: str, object_id: str, meters: MeterSettings) -> bool:
@@ -254,10 +208,10 @@ class DiscoveryAnnouncer:
         self.origin_url = origin_url
         self.meters_per_tick = meters_per_tick
         self.max_meters = max_meters
-        self.status_topic = status_topic(prefix)
+        self.status_topic = ha_status_topic(prefix)
         # What the proxy subscribes to on the central broker (nothing when off).
         self.subscriptions: tuple[str, ...] = (
-            (self.status_topic, config_subscription(prefix)) if enabled else ()
+            (self.status_topic, discovery_subscription(prefix)) if enabled else ()
         )
         self._publish = publish
         self._lock = threading.Lock()
@@ -288,8 +242,8 @@ class DiscoveryAnnouncer:
             self.prefix = prefix
             self.enabled = enabled
             self.origin_url = origin_url
-            self.status_topic = status_topic(prefix)
-            self.subscriptions = (self.status_topic, config_subscription(prefix)) if enabled else ()
+            self.status_topic = ha_status_topic(prefix)
+            self.subscriptions = (self.status_topic, discovery_subscription(prefix)) if enabled else ()
             self._cleared &= meters.exclude
             for meter_id in [m for m in self._known if m in meters.exclude]:
                 del self._known[meter_id]
@@ -389,7 +343,7 @@ class DiscoveryAnnouncer:
 
     def retained_config(self, topic: str, payload: bytes) -> None:
         """A config retained on the broker: remove it if unwanted, else keep its meter known."""
-        parsed = parse_config_topic(topic, self.prefix)
+        parsed = parse_discovery_topic(topic, self.prefix)
         if parsed is None or not payload:
             return
         meter_id, object_id = parsed

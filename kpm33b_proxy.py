@@ -44,25 +44,21 @@ import paho.mqtt.client as mqtt
 
 import config_loader
 from availability import MeterAvailability, silence_limit
-from command_tracking import AVAILABILITY, parse_availability, parse_central_topic
 from config_loader import Config, MeterSettings
 from config_watch import ConfigWatcher
 from data_mapping import (
     DROP_ENERGY_DECREASE,
     DROP_EXCLUDED,
     EVENT_RESET,
-    MINUTES,
     REJECTIONS,
     RESET_READINGS,
-    SECONDS,
     CleanMessage,
     GuardEvent,
     MeterDataProcessor,
     MeterMemory,
-    clean_topic,
     encode_payload,
 )
-from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter, retained_meter_topics
+from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter
 from mqtt_common import (
     ConnectionReporter,
     Counters,
@@ -77,6 +73,19 @@ from mqtt_common import (
 )
 from sd_notify import SystemdNotifier
 from state_store import EnergyJournal, LastSeenFile, StateLocked, StateUnusable
+from topics import (
+    AVAILABILITY,
+    MINUTES,
+    SECONDS,
+    availability_topic,
+    bridge_state_topic,
+    bridge_stats_topic,
+    meter_subscription,
+    parse_meter_topic,
+    parse_state,
+    reading_topic,
+    retained_meter_topics,
+)
 
 log = logging.getLogger("kpm33b_proxy")
 
@@ -239,7 +248,7 @@ class Proxy:
         self._central_connected = False
         self._bridge_online: bool | None = None
         self._state_lock = threading.Lock()
-        self.bridge_topic = f"{self.main_topic}/bridge/state"
+        self.bridge_topic = bridge_state_topic(self.main_topic)
         self.internal = make_client(config.internal_broker, INTERNAL_CLIENT_ID)
         # A reading is acknowledged to the internal broker only once the central
         # broker has it (or it was dropped on purpose): killed at any moment, the
@@ -257,8 +266,8 @@ class Proxy:
         )
         self.internal_reporter = ConnectionReporter(self.internal, "internal", config.internal_broker, log)
         self.central_reporter = ConnectionReporter(self.central, "central", config.central_broker, log)
-        self.stats_topic = f"{self.main_topic}/bridge/stats"
-        self.availability_subscription = f"{self.main_topic}/+/{AVAILABILITY}"
+        self.stats_topic = bridge_stats_topic(self.main_topic)
+        self.availability_subscription = meter_subscription(self.main_topic, AVAILABILITY)
         self._next_stats = self.started_at + config.health.stats_interval_seconds
         self._next_trim = self.started_at + TRIM_INTERVAL_SECONDS
         self._next_last_seen_save = self.started_at + LAST_SEEN_SAVE_SECONDS
@@ -586,7 +595,7 @@ class Proxy:
         self.discovery.meter_seen(clean.meter_id)  # its configs go before its first reading
         energy = clean.payload.get("active_energy")
         self._enqueue(Outgoing(
-            clean_topic(self.main_topic, clean.meter_id, clean.kind), encode_payload(clean.payload), True,
+            reading_topic(self.main_topic, clean.meter_id, clean.kind), encode_payload(clean.payload), True,
             source_mid=source_mid, reading=True,
             energy=(clean.meter_id, energy, clean.time) if isinstance(energy, int | float) else None,
         ))
@@ -642,7 +651,7 @@ class Proxy:
                                     queue.capacity)
 
     def _publish_availability(self, meter_id: str, state: str) -> None:
-        self.queue_publish(f"{self.main_topic}/{meter_id}/availability", state, retain=True)
+        self.queue_publish(availability_topic(self.main_topic, meter_id), state, retain=True)
 
     def _publish_loop(self) -> None:
         """Hand queued messages to paho while the window and the connection allow."""
@@ -748,11 +757,11 @@ class Proxy:
 
     def _on_central_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         """Retained availability, Home Assistant's status and the retained discovery configs: quick work only."""
-        topic = parse_central_topic(self.main_topic, message.topic)
+        topic = parse_meter_topic(self.main_topic, message.topic)
         if topic is None or topic.leaf != AVAILABILITY:
             self.discovery.on_central_message(message.topic, message.payload, bool(message.retain))
             return
-        state = parse_availability(message.payload)
+        state = parse_state(message.payload)
         # Live messages are our own publications coming back: only the broker's retained store tells
         # of meters from before this start.
         if message.retain and state is not None and topic.meter_id not in self.config.meters.exclude:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, TextIO
 
-from data_mapping import is_valid_meter_id
+from topics import is_valid_meter_id
 
 JOURNAL_NAME = "energy.journal"
 LOCK_NAME = "proxy.lock"

@@ -34,7 +34,8 @@ from payloads import RT_DATA, LoadBuilder, bench_meter_ids  # noqa: E402
 
 import config_loader  # noqa: E402
 import kpm33b_proxy  # noqa: E402
-from data_mapping import MINUTES, SECONDS, MeterDataProcessor, encode_payload  # noqa: E402
+from data_mapping import MeterDataProcessor, encode_payload  # noqa: E402
+from topics import MINUTES, SECONDS  # noqa: E402
 
 
 def _readings(messages: int, meters: int) -> list:

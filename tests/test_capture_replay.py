@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from data_mapping import DROP_ALL_ZERO, DROP_DUPLICATE, MINUTES, CleanMessage, MeterDataProcessor
+from data_mapping import DROP_ALL_ZERO, DROP_DUPLICATE, CleanMessage, MeterDataProcessor
+from topics import MINUTES
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENVELOPE = {"id", "time", "isend"}

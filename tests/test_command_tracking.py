@@ -20,7 +20,6 @@ from command_tracking import (
     Acked,
     BackOnline,
     Cancelled,
-    CentralTopic,
     ClockDrift,
     Command,
     CommandKind,
@@ -38,16 +37,14 @@ from command_tracking import (
     SlotStatus,
     Superseded,
     WentOffline,
-    central_subscriptions,
     clock_needs_setting,
     meters_to_configure,
     new_oprid,
-    parse_availability,
-    parse_central_topic,
     parse_reading_time,
     parse_reply,
 )
 from config_loader import DeviceSettings, InternalTopics, MeterSettings
+from topics import MeterTopic, meter_subscriptions, parse_meter_topic, parse_state
 
 HEAT_PUMP = "33B1225950027"      # has a per-meter override: 30 s
 OFFICE = "33B1225950028"
@@ -149,22 +146,22 @@ def test_unusable_replies_are_refused_with_a_reason(payload: bytes, reason: str)
 
 
 def test_central_topics_name_a_meter_and_a_leaf_or_nothing() -> None:
-    assert central_subscriptions("kpm33b") == ["kpm33b/+/availability", "kpm33b/+/seconds", "kpm33b/+/minutes"]
-    assert parse_central_topic("kpm33b", "kpm33b/33B1225950027/seconds") == CentralTopic(HEAT_PUMP, "seconds")
-    assert parse_central_topic("home/energy", "home/energy/33B1225950027/availability") == CentralTopic(
+    assert meter_subscriptions("kpm33b") == ["kpm33b/+/availability", "kpm33b/+/seconds", "kpm33b/+/minutes"]
+    assert parse_meter_topic("kpm33b", "kpm33b/33B1225950027/seconds") == MeterTopic(HEAT_PUMP, "seconds")
+    assert parse_meter_topic("home/energy", "home/energy/33B1225950027/availability") == MeterTopic(
         HEAT_PUMP, "availability")
-    assert parse_central_topic("kpm33b", "kpm33b/bridge/state") is None
-    assert parse_central_topic("kpm33b", "kpm33b/33B12259500/seconds") is None
-    assert parse_central_topic("kpm33b", "kpm33b/33B1225950027/seconds/x") is None
-    assert parse_central_topic("kpm33b", "kpm33b/33B1225950027/config") is None
-    assert parse_central_topic("kpm33b", "other/33B1225950027/seconds") is None
+    assert parse_meter_topic("kpm33b", "kpm33b/bridge/state") is None
+    assert parse_meter_topic("kpm33b", "kpm33b/33B12259500/seconds") is None
+    assert parse_meter_topic("kpm33b", "kpm33b/33B1225950027/seconds/x") is None
+    assert parse_meter_topic("kpm33b", "kpm33b/33B1225950027/config") is None
+    assert parse_meter_topic("kpm33b", "other/33B1225950027/seconds") is None
 
 
 def test_availability_is_online_offline_or_nothing() -> None:
-    assert parse_availability(b"online") == "online"
-    assert parse_availability(b"offline\n") == "offline"
-    assert parse_availability(b"ONLINE") is None
-    assert parse_availability(b"\xff") is None
+    assert parse_state(b"online") == "online"
+    assert parse_state(b"offline\n") == "offline"
+    assert parse_state(b"ONLINE") is None
+    assert parse_state(b"\xff") is None
 
 
 def test_reading_time_is_read_from_iso_or_meter_format() -> None:

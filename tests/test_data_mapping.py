@@ -21,7 +21,6 @@ from data_mapping import (
     EVENT_IMPLAUSIBLE,
     EVENT_RESET,
     MAX_PAYLOAD_BYTES,
-    MINUTES,
     PER_PHASE_GROUPS,
     REJECT_BAD_ISEND,
     REJECT_BAD_METER_ID,
@@ -32,7 +31,6 @@ from data_mapping import (
     REJECT_NOT_UTF8,
     REJECT_OVERSIZED,
     REJECTIONS,
-    SECONDS,
     CleanMessage,
     GuardEvent,
     MeterDataProcessor,
@@ -43,14 +41,13 @@ from data_mapping import (
     Rejected,
     Settled,
     clean_payload,
-    clean_topic,
     encode_payload,
     is_all_zero,
-    is_valid_meter_id,
     iso_time,
     parse_packet,
     plausible_rise,
 )
+from topics import MINUTES, SECONDS, is_valid_meter_id, reading_topic
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 METER = "33B1225950027"
@@ -117,7 +114,7 @@ def test_rt_data_capture_maps_to_id_iso_time_and_active_power_only() -> None:
         meter_id=METER,
     )
     assert outcome.message is not None
-    assert clean_topic("kpm33b", outcome.message.meter_id, outcome.message.kind) == "kpm33b/33B1225950027/seconds"
+    assert reading_topic("kpm33b", outcome.message.meter_id, outcome.message.kind) == "kpm33b/33B1225950027/seconds"
     assert encode_payload(outcome.message.payload) == (
         b'{"id": "33B1225950027", "time": "2026-01-12T16:39:00", "active_power": 6.6905}'
     )
@@ -286,7 +283,7 @@ def test_parse_packet_returns_every_value_tag_without_the_envelope() -> None:
     ],
 )
 def test_clean_topic_is_main_topic_meter_id_and_kind(main_topic: str, kind: str, topic: str) -> None:
-    assert clean_topic(main_topic, METER, kind) == topic
+    assert reading_topic(main_topic, METER, kind) == topic
 
 
 @pytest.mark.parametrize(

@@ -18,16 +18,13 @@ import pytest
 import config_loader
 import ha_discovery
 from config_loader import DeviceSettings, MeterSettings
-from data_mapping import MINUTES, SECONDS, MeterDataProcessor, clean_payload
+from data_mapping import MeterDataProcessor, clean_payload
 from ha_discovery import (
     DiscoveryAnnouncer,
-    config_subscription,
     discovery_configs,
     is_wanted,
-    node_id,
-    parse_config_topic,
-    status_topic,
 )
+from topics import MINUTES, SECONDS, discovery_subscription, ha_status_topic, node_id, parse_discovery_topic
 from version import __version__
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -226,8 +223,8 @@ def test_prefix_and_main_topic_are_taken_from_the_configuration() -> None:
     assert configs[topic]["state_topic"] == f"site/a/meters/{METER}/minutes"
     assert configs[topic]["availability"] == [{"topic": "site/a/meters/bridge/state"},
                                               {"topic": f"site/a/meters/{METER}/availability"}]
-    assert status_topic("ha/discovery") == "ha/discovery/status"
-    assert config_subscription("ha/discovery") == "ha/discovery/sensor/+/+/config"
+    assert ha_status_topic("ha/discovery") == "ha/discovery/status"
+    assert discovery_subscription("ha/discovery") == "ha/discovery/sensor/+/+/config"
     assert node_id(METER) == f"kpm33b_{METER}"
 
 
@@ -248,13 +245,13 @@ def test_prefix_and_main_topic_are_taken_from_the_configuration() -> None:
     (f"homeassistant/sensor/KPM33B_{METER}/active_power/config", None),
 ])
 def test_only_config_topics_of_kpm33b_nodes_are_recognised(topic: str, parsed: tuple[str, str] | None) -> None:
-    assert parse_config_topic(topic, "homeassistant") == parsed
+    assert parse_discovery_topic(topic, "homeassistant") == parsed
 
 
 def test_a_prefix_of_several_levels_is_parsed() -> None:
-    assert parse_config_topic(f"ha/disc/sensor/kpm33b_{METER}/active_power/config", "ha/disc") == (
+    assert parse_discovery_topic(f"ha/disc/sensor/kpm33b_{METER}/active_power/config", "ha/disc") == (
         METER, "active_power")
-    assert parse_config_topic(f"ha/sensor/kpm33b_{METER}/active_power/config", "ha/disc") is None
+    assert parse_discovery_topic(f"ha/sensor/kpm33b_{METER}/active_power/config", "ha/disc") is None
 
 
 def test_excluded_meters_and_unconfigured_per_phase_entities_are_unwanted() -> None:
@@ -289,7 +286,7 @@ class Published:
         """Meter ids of the configs published, once per meter in order."""
         ids: list[str] = []
         for topic in self.topics():
-            parsed = parse_config_topic(topic, "homeassistant")
+            parsed = parse_discovery_topic(topic, "homeassistant")
             if parsed is not None and parsed[0] not in ids:
                 ids.append(parsed[0])
         return ids

@@ -15,21 +15,18 @@ from hypothesis import strategies as st
 from data_mapping import (
     DROP_ENERGY_DECREASE,
     EVENT_RESET,
-    KINDS,
-    MINUTES,
     PER_PHASE_FIELDS,
     PER_PHASE_GROUPS,
     REJECTIONS,
-    SECONDS,
     VALUE_TAGS,
     MeterDataProcessor,
     MeterMemory,
     Outcome,
     PacketAssembler,
-    clean_topic,
     encode_payload,
     parse_packet,
 )
+from topics import KINDS, MINUTES, SECONDS, reading_topic
 
 CLEAN_TOPIC = re.compile(r"kpm33b/[0-9A-Za-z]{13}/(seconds|minutes)")
 METER_ID = re.compile(r"[0-9A-Za-z]{13}")
@@ -112,7 +109,7 @@ def assert_clean(outcome: Outcome, processor: MeterDataProcessor) -> None:
     message = outcome.message
     assert outcome.reason is None
     assert METER_ID.fullmatch(message.meter_id)
-    assert CLEAN_TOPIC.fullmatch(clean_topic("kpm33b", message.meter_id, message.kind))
+    assert CLEAN_TOPIC.fullmatch(reading_topic("kpm33b", message.meter_id, message.kind))
     value_name = VALUE_TAGS[message.kind][1]
     groups = processor.per_phase.get(message.meter_id, ()) if message.kind == SECONDS else ()
     per_phase_names = {name for group in groups for _tag, name in PER_PHASE_FIELDS[group]}

@@ -14,8 +14,9 @@ from broker import Mosquitto, wait_for
 from daemons import ROOT, Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
 
 import config_loader
-from data_mapping import MINUTES, MeterDataProcessor
+from data_mapping import MeterDataProcessor
 from kpm33b_proxy import Proxy
+from topics import MINUTES
 
 FIXTURES = ROOT / "tests" / "fixtures"
 RT_DATA = (FIXTURES / "MQTT_RT_DATA_2026-01-12.log").read_text().split(" ", 1)[1].strip()

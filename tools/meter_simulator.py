@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 # Run as a script from any directory: the project's modules sit one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config_loader import InternalTopics
+from topics import command_topic
 
 LOG = logging.getLogger("meter_simulator")
 
@@ -434,11 +435,11 @@ class MeterTopics(InternalTopics):
 
     def config_topic(self, meter_id: str) -> str:
         """The upload-frequency command topic one meter listens on."""
-        return f"{self.meter_config}{meter_id[-8:]}"
+        return command_topic(self.meter_config, meter_id)
 
     def time_topic(self, meter_id: str) -> str:
         """The clock command topic one meter listens on."""
-        return f"{self.meter_time}{meter_id[-8:]}"
+        return command_topic(self.meter_time, meter_id)
 
 
 class ReceivedCommand(NamedTuple):

@@ -1,0 +1,167 @@
+"""Every MQTT topic of the system, built and parsed here and nowhere else.
+
+Three trees meet in this project, and each topic string of them is written
+once, in this module:
+
+- the **central tree** under ``<main>`` (``external_main_topic``, ``kpm33b``
+  by default) that consumers read: ``<main>/<id>/seconds``, ``…/minutes``,
+  ``…/availability``, and the bridge's own ``<main>/bridge/…``;
+- the **internal broker's** topics the meters use: their data topics are
+  configured names (``MQTT_RT_DATA`` …), their command topics a configured
+  prefix plus the last 8 characters of the meter id;
+- **Home Assistant's discovery** tree under its prefix (``homeassistant``).
+
+The meter id is what makes a topic level: only ids of exactly 13 ASCII
+letters and digits are ever put into a topic (``is_valid_meter_id``), so a
+hostile id can neither add levels (``/``) nor match others (``+``, ``#``).
+Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+METER_ID_PATTERN = re.compile(r"[0-9A-Za-z]{13}")
+
+# The leaves of a meter's topics on the central broker.
+SECONDS = "seconds"  # active power (and the per-phase values), from MQTT_RT_DATA
+MINUTES = "minutes"  # active energy, from MQTT_ENY_NOW
+AVAILABILITY = "availability"  # online / offline
+KINDS = (SECONDS, MINUTES)  # the two kinds of reading
+# What the config sender follows per meter, availability first: Mosquitto delivers
+# retained messages subscription by subscription, so a restarted sender learns
+# which meters are offline before their old readings arrive.
+METER_LEAVES = (AVAILABILITY, SECONDS, MINUTES)
+ONLINE = "online"
+OFFLINE = "offline"
+
+# Home Assistant discovery: our configs are sensors under node ids kpm33b_<meter id>.
+DISCOVERY_COMPONENT = "sensor"
+NODE_PREFIX = "kpm33b_"
+NODE_ID_PATTERN = re.compile(r"kpm33b_([0-9A-Za-z]{13})")
+OBJECT_ID_PATTERN = re.compile(r"[0-9A-Za-z_-]+")
+
+
+def is_valid_meter_id(value: object) -> bool:
+    """Exactly 13 letters and digits: nothing that could add or match topic levels."""
+    return isinstance(value, str) and METER_ID_PATTERN.fullmatch(value) is not None
+
+
+# --- the central tree ---------------------------------------------------------------
+
+
+def reading_topic(main_topic: str, meter_id: str, kind: str) -> str:
+    """``<main>/<id>/seconds`` or ``<main>/<id>/minutes``; ``meter_id`` must be valid already."""
+    return f"{main_topic}/{meter_id}/{kind}"
+
+
+def availability_topic(main_topic: str, meter_id: str) -> str:
+    """A meter's ``online``/``offline`` state."""
+    return f"{main_topic}/{meter_id}/{AVAILABILITY}"
+
+
+def retained_meter_topics(main_topic: str, meter_id: str) -> tuple[str, ...]:
+    """The retained topics the proxy keeps per meter: cleared when the meter is excluded."""
+    return (reading_topic(main_topic, meter_id, SECONDS), reading_topic(main_topic, meter_id, MINUTES),
+            availability_topic(main_topic, meter_id))
+
+
+def bridge_state_topic(main_topic: str) -> str:
+    """The proxy's own ``online``/``offline`` state (backed by its last will)."""
+    return f"{main_topic}/bridge/state"
+
+
+def bridge_stats_topic(main_topic: str) -> str:
+    """The proxy's counters, retained."""
+    return f"{main_topic}/bridge/stats"
+
+
+def sender_stats_topic(main_topic: str) -> str:
+    """The config sender's counters, retained."""
+    return f"{main_topic}/bridge/config_sender/stats"
+
+
+def meter_subscription(main_topic: str, leaf: str) -> str:
+    """The filter for one leaf of every meter: ``<main>/+/<leaf>``."""
+    return f"{main_topic}/+/{leaf}"
+
+
+def meter_subscriptions(main_topic: str) -> list[str]:
+    """What the config sender subscribes to on the central broker, availability first (see METER_LEAVES)."""
+    return [meter_subscription(main_topic, leaf) for leaf in METER_LEAVES]
+
+
+@dataclass(frozen=True)
+class MeterTopic:
+    """A per-meter topic on the central broker: ``<main>/<meter id>/<leaf>``."""
+
+    meter_id: str
+    leaf: str  # availability, seconds or minutes
+
+
+def parse_meter_topic(main_topic: str, topic: str) -> MeterTopic | None:
+    """The meter and leaf of a central topic; None for anything else (``bridge/state`` …)."""
+    prefix = main_topic + "/"
+    if not topic.startswith(prefix):
+        return None
+    parts = topic[len(prefix):].split("/")
+    if len(parts) != 2 or parts[1] not in METER_LEAVES or not METER_ID_PATTERN.fullmatch(parts[0]):
+        return None
+    return MeterTopic(meter_id=parts[0], leaf=parts[1])
+
+
+def parse_state(payload: bytes) -> str | None:
+    """``online`` or ``offline`` (availability, bridge state); None for anything else."""
+    text = payload.strip().decode("ascii", errors="replace")
+    return text if text in (ONLINE, OFFLINE) else None
+
+
+# --- the internal broker -----------------------------------------------------------------
+
+
+def command_topic(prefix: str, meter_id: str) -> str:
+    """A meter's own command topic: a fixed prefix (``MQTT_COMMOD_SET_`` …) plus the last 8 characters of its id."""
+    return prefix + meter_id[-8:]
+
+
+# --- Home Assistant discovery ------------------------------------------------------------
+
+
+def node_id(meter_id: str) -> str:
+    """The discovery node id of a meter: ``kpm33b_<id>``, also its device identifier."""
+    return f"{NODE_PREFIX}{meter_id}"
+
+
+def discovery_topic(prefix: str, meter_id: str, object_id: str) -> str:
+    """``<prefix>/sensor/kpm33b_<id>/<object id>/config``."""
+    return f"{prefix}/{DISCOVERY_COMPONENT}/{node_id(meter_id)}/{object_id}/config"
+
+
+def discovery_subscription(prefix: str) -> str:
+    """The filter that finds every sensor config on the broker, ours among them."""
+    return f"{prefix}/{DISCOVERY_COMPONENT}/+/+/config"
+
+
+def ha_status_topic(prefix: str) -> str:
+    """Where Home Assistant announces ``online`` (its birth message) and ``offline``."""
+    return f"{prefix}/status"
+
+
+def parse_discovery_topic(topic: str, prefix: str) -> tuple[str, str] | None:
+    """``(meter id, object id)`` of one of our config topics; None for anything else.
+
+    Only node ids ``kpm33b_<13 letters and digits>`` are ours: configs of other
+    software under the same prefix are never touched.
+    """
+    start = f"{prefix}/{DISCOVERY_COMPONENT}/"
+    if not topic.startswith(start):
+        return None
+    levels = topic[len(start):].split("/")
+    if len(levels) != 3 or levels[2] != "config":
+        return None
+    node, object_id = levels[0], levels[1]
+    match = NODE_ID_PATTERN.fullmatch(node)
+    if match is None or not OBJECT_ID_PATTERN.fullmatch(object_id):
+        return None
+    return match.group(1), object_id
