@@ -99,7 +99,7 @@ class SlotStatus(Enum):
     REFUSED = "refused by the broker"  # the internal broker would not take it (ACL): the meter never got it
 
 
-class Outcome(Enum):
+class CommandOutcome(Enum):
     """How a finished command ended; remembered to classify replies that come later."""
 
     ACKED = "acked"
@@ -388,7 +388,7 @@ class IgnoredReply:
     """A valid reply nobody waits for any more: a duplicate, or to a superseded command."""
 
     command: Command
-    outcome: Outcome
+    outcome: CommandOutcome
 
 
 Event = (Discovered | WentOffline | BackOnline | ClockDrift | Acked | Failed | NoReply | LateReply
@@ -413,7 +413,7 @@ class _Finished:
     """A command no longer pending, remembered to classify late or duplicate replies."""
 
     command: Command
-    outcome: Outcome
+    outcome: CommandOutcome
     sent_at: float | None
     deadline: float | None
 
@@ -531,10 +531,6 @@ class CommandTracker:
         slot = self._slots.get((meter_id, kind))
         return slot.status if slot else None
 
-    def has_outgoing(self) -> bool:
-        """Whether commands wait to be handed to the broker."""
-        return bool(self._outbox)
-
     def next_wakeup(self) -> float | None:
         """When ``tick`` next has something to do (a deadline or a retry), or None."""
         self._prune_heaps()
@@ -635,7 +631,7 @@ class CommandTracker:
             return [self._reject("unknown oprid", reply.oprid)]
         if reply.meter_id is not None and reply.meter_id != finished.command.meter_id:
             return [self._reject("meter id does not match", f"{reply.meter_id} answered {reply.oprid}")]
-        if finished.outcome is Outcome.TIMED_OUT:
+        if finished.outcome is CommandOutcome.TIMED_OUT:
             return self._late(reply, now)
         self._counts["ignored_replies"] += 1
         return [IgnoredReply(finished.command, finished.outcome)]
@@ -672,14 +668,6 @@ class CommandTracker:
             slot.value = command.value
         self._counts["sent"] += 1
 
-    def take_outgoing(self, now: float, local_now: datetime, limit: int) -> list[Command]:
-        """Up to ``limit`` queued commands, all marked sent at ``now`` (``pop_outgoing`` + ``mark_sent``)."""
-        commands: list[Command] = []
-        while len(commands) < limit and (command := self.pop_outgoing(local_now)) is not None:
-            self.mark_sent(command, now)
-            commands.append(command)
-        return commands
-
     def refused_by_broker(self, command: Command) -> None:
         """The broker refused ``command`` (its ACL): it never reached the meter.
 
@@ -693,7 +681,7 @@ class CommandTracker:
         pending = self._pending.pop(command.oprid, None)
         if pending is None:
             return  # superseded, answered or timed out meanwhile: that outcome stands
-        self._remember(pending, Outcome.REFUSED)
+        self._remember(pending, CommandOutcome.REFUSED)
         slot = self._slots.get((command.meter_id, command.kind))
         if slot is not None and slot.oprid == command.oprid:
             slot.status = SlotStatus.REFUSED
@@ -791,7 +779,7 @@ class CommandTracker:
             retry_token = previous.retry_token + 1  # invalidates a scheduled retry
             old = self._pending.pop(previous.oprid, None)
             if old is not None:
-                self._remember(old, Outcome.SUPERSEDED)
+                self._remember(old, CommandOutcome.SUPERSEDED)
                 self._counts["superseded"] += 1
                 events.append(Superseded(old.command))
         oprid = self.make_oprid()
@@ -810,7 +798,7 @@ class CommandTracker:
         ok = reply.code == "01"
         if slot is not None and slot.oprid == reply.oprid:
             slot.status = SlotStatus.ACKED if ok else SlotStatus.FAILED
-        self._remember(pending, Outcome.ACKED if ok else Outcome.FAILED)
+        self._remember(pending, CommandOutcome.ACKED if ok else CommandOutcome.FAILED)
         if ok:
             self._counts["acked"] += 1
             self._accepted(command)
@@ -830,7 +818,7 @@ class CommandTracker:
 
     def _time_out(self, oprid: str, pending: _Pending, now: float) -> list[Event]:
         del self._pending[oprid]
-        self._remember(pending, Outcome.TIMED_OUT)
+        self._remember(pending, CommandOutcome.TIMED_OUT)
         self._counts["alerted"] += 1
         command = pending.command
         key = (command.meter_id, command.kind)
@@ -851,7 +839,7 @@ class CommandTracker:
         finished = self._recent[reply.oprid]
         command = finished.command
         latency = now - finished.sent_at if finished.sent_at is not None else 0.0
-        finished.outcome = Outcome.LATE
+        finished.outcome = CommandOutcome.LATE
         self._counts["late"] += 1
         ok = reply.code == "01"
         if ok:
@@ -866,7 +854,7 @@ class CommandTracker:
             if slot.status in (SlotStatus.RETRY_SCHEDULED, SlotStatus.GAVE_UP) or retry_in_flight:
                 stopped = slot.status is SlotStatus.RETRY_SCHEDULED or retry_in_flight
                 if retry_in_flight:
-                    self._remember(self._pending.pop(slot.oprid), Outcome.CANCELLED)
+                    self._remember(self._pending.pop(slot.oprid), CommandOutcome.CANCELLED)
                 slot.retry_token += 1
                 slot.status = SlotStatus.ACKED if ok else SlotStatus.FAILED
         return [LateReply(command, reply.code, reply.msg, latency, stopped)]
@@ -884,7 +872,7 @@ class CommandTracker:
             pending = self._pending.get(slot.oprid)
             if pending is not None and (pending.deadline is None or not unsent_only):
                 del self._pending[slot.oprid]
-                self._remember(pending, Outcome.CANCELLED)
+                self._remember(pending, CommandOutcome.CANCELLED)
                 slot.status = SlotStatus.CANCELLED
                 events.append(Cancelled(pending.command, reason))
         return events
@@ -893,7 +881,7 @@ class CommandTracker:
         self._counts["rejected_replies"] += 1
         return RejectedReply(reason, detail)
 
-    def _remember(self, pending: _Pending, outcome: Outcome) -> None:
+    def _remember(self, pending: _Pending, outcome: CommandOutcome) -> None:
         self._recent[pending.command.oprid] = _Finished(pending.command, outcome, pending.sent_at, pending.deadline)
         self._recent.move_to_end(pending.command.oprid)
         while len(self._recent) > self.recent_limit:

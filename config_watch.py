@@ -54,7 +54,7 @@ MAX_LINKS = 40
 # Events that cannot change the file: reading the configuration opens and closes it.
 _HARMLESS_EVENTS = frozenset(("opened", "closed_no_write"))
 
-logger = logging.getLogger("config_watch")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from topics import (
 )
 from version import __version__
 
-log = logging.getLogger("ha_discovery")
+log = logging.getLogger(__name__)
 
 ORIGIN_NAME = "kpm33b-proxy"
 MANUFACTURER = "Compere"
@@ -281,7 +281,7 @@ class DiscoveryAnnouncer:
         self._announce(meter_id)
         return True
 
-    def known_meters(self, meter_ids: Iterable[str]) -> None:
+    def announce_known(self, meter_ids: Iterable[str]) -> None:
         """At start: the meters the proxy already knows, announced over the next ticks."""
         if not self.enabled:
             return

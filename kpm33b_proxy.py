@@ -294,12 +294,12 @@ class Proxy:
         damaged = self.journal.damaged_lines  # each also counted in the journal's own WARNING
         log.info("loaded the last energy of %d meters from %s%s", len(self.memory.energy_snapshot()),
                  self.journal.path, f" ({damaged} damaged lines skipped)" if damaged else "")
-        self.discovery.known_meters(self.memory.energy_snapshot())
+        self.discovery.announce_known(self.memory.energy_snapshot())
         self._restore_availability()
         self._publisher.start()
         if self._watcher is not None:
             self._watcher.start()
-        self.notifier.start_watchdog(self.healthy)
+        self.notifier.start_watchdog(self.is_healthy)
         connect_in_background(self.central, self.config.central_broker)
         connect_in_background(self.internal, self.config.internal_broker, clean_start=False,
                               session_expiry=SESSION_EXPIRY_SECONDS, receive_maximum=RECEIVE_MAXIMUM)
@@ -470,7 +470,7 @@ class Proxy:
         self.notifier.status(f"{stats['forwarded']} readings forwarded, {stats['meters']} meters, "
                              f"{stats['queue_depth']} queued")
 
-    def healthy(self) -> bool:
+    def is_healthy(self) -> bool:
         """For the systemd watchdog: both network loops and the timers are alive."""
         return (
             network_thread_alive(self.internal)

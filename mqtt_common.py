@@ -535,7 +535,7 @@ def install_signal_handlers(stop: threading.Event, reload: Callable[[], None] | 
     while that thread holds a lock: it must only hand the work over (set an
     event, put on a ``queue.SimpleQueue``) and return, never reload itself.
     """
-    log = logging.getLogger("signal")
+    log = logging.getLogger(__name__)
 
     def handle(signum: int, _frame: object) -> None:
         log.info("%s received, shutting down", signal.Signals(signum).name)

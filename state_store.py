@@ -53,7 +53,7 @@ RETRY_SECONDS = 5.0  # a failed write is retried (as a full rewrite) this often
 ERROR_INTERVAL_SECONDS = 60.0  # a failing journal logs an ERROR at most this often
 MAX_METERS = 200_000  # as the filters' memory (data_mapping.MeterMemory): least recently recorded go first
 
-log = logging.getLogger("kpm33b_proxy.journal")
+log = logging.getLogger(__name__)
 
 
 class StateError(Exception):

@@ -28,7 +28,6 @@ METER_ID_PATTERN = re.compile(r"[0-9A-Za-z]{13}")
 SECONDS = "seconds"  # active power (and the per-phase values), from MQTT_RT_DATA
 MINUTES = "minutes"  # active energy, from MQTT_ENY_NOW
 AVAILABILITY = "availability"  # online / offline
-KINDS = (SECONDS, MINUTES)  # the two kinds of reading
 # What the config sender follows per meter, availability first: Mosquitto delivers
 # retained messages subscription by subscription, so a restarted sender learns
 # which meters are offline before their old readings arrive.

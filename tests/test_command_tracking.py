@@ -23,6 +23,7 @@ from command_tracking import (
     ClockDrift,
     Command,
     CommandKind,
+    CommandOutcome,
     CommandTracker,
     Deferred,
     Discovered,
@@ -31,7 +32,6 @@ from command_tracking import (
     InvalidReply,
     LateReply,
     NoReply,
-    Outcome,
     RejectedReply,
     Retrying,
     SlotStatus,
@@ -59,6 +59,15 @@ SETTINGS = MeterSettings(
     exclude=frozenset({EXCLUDED}),
     devices=MappingProxyType({HEAT_PUMP: DeviceSettings(name="Heat pump", upload_frequency_seconds=30)}),
 )
+
+
+def take_outgoing(tracker: CommandTracker, now: float, local_now: datetime, limit: int) -> list[Command]:
+    """Up to ``limit`` queued commands, each marked sent at ``now``: what the daemon's worker does."""
+    commands: list[Command] = []
+    while len(commands) < limit and (command := tracker.pop_outgoing(local_now)) is not None:
+        tracker.mark_sent(command, now)
+        commands.append(command)
+    return commands
 
 
 def counting_oprids() -> Callable[[], str]:
@@ -195,7 +204,7 @@ def test_meters_to_configure_leave_out_excluded_and_offline_ones() -> None:
 def test_discovered_meter_gets_both_interval_commands() -> None:
     state = tracker()
     assert state.observe_availability(OFFICE, "online", now=0.0) == [Discovered(OFFICE, "availability", False, False)]
-    assert state.take_outgoing(0.5, LOCAL_NOW, limit=10) == [seconds_cmd(1), minutes_cmd(2)]
+    assert take_outgoing(state, 0.5, LOCAL_NOW, limit=10) == [seconds_cmd(1), minutes_cmd(2)]
     assert state.counters() == {
         "sent": 2, "refused_by_broker": 0, "acked": 0, "alerted": 0, "late": 0, "failed": 0, "retried": 0,
         "rejected_replies": 0, "ignored_replies": 0, "superseded": 0, "clock_commands": 0, "discovered": 1,
@@ -205,7 +214,7 @@ def test_discovered_meter_gets_both_interval_commands() -> None:
 def test_per_meter_override_wins_over_the_default() -> None:
     state = tracker()
     state.observe_reading(HEAT_PUMP, "seconds", None, retained=True, now=0.0, local_now=LOCAL_NOW)
-    assert state.take_outgoing(0.0, LOCAL_NOW, 10) == [seconds_cmd(1, HEAT_PUMP, "30"), minutes_cmd(2, HEAT_PUMP)]
+    assert take_outgoing(state, 0.0, LOCAL_NOW, 10) == [seconds_cmd(1, HEAT_PUMP, "30"), minutes_cmd(2, HEAT_PUMP)]
 
 
 def test_excluded_meter_is_known_but_never_gets_a_command() -> None:
@@ -214,7 +223,7 @@ def test_excluded_meter_is_known_but_never_gets_a_command() -> None:
     reading = state.observe_reading(EXCLUDED, "minutes", datetime(2005, 1, 1), retained=False, now=1.0,
                                     local_now=LOCAL_NOW)
     assert reading == []
-    assert state.take_outgoing(1.0, LOCAL_NOW, 10) == []
+    assert take_outgoing(state, 1.0, LOCAL_NOW, 10) == []
     assert state.known_meters() == {EXCLUDED}
 
 
@@ -223,17 +232,17 @@ def test_a_meter_seen_again_is_not_discovered_again() -> None:
     state.observe_availability(OFFICE, "online", 0.0)
     assert state.observe_availability(OFFICE, "online", 1.0) == []
     assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=2.0, local_now=LOCAL_NOW) == []
-    assert len(state.take_outgoing(2.0, LOCAL_NOW, 10)) == 2
+    assert len(take_outgoing(state, 2.0, LOCAL_NOW, 10)) == 2
 
 
 def test_meter_discovered_offline_is_configured_when_it_comes_online() -> None:
     state = tracker()
     assert state.observe_availability(OFFICE, "offline", 0.0) == [Discovered(OFFICE, "availability", False, True)]
-    assert state.take_outgoing(0.0, LOCAL_NOW, 10) == []
+    assert take_outgoing(state, 0.0, LOCAL_NOW, 10) == []
     # An old retained reading says nothing about the meter being back.
     assert state.observe_reading(OFFICE, "seconds", None, retained=True, now=1.0, local_now=LOCAL_NOW) == []
     assert state.observe_availability(OFFICE, "online", 2.0) == [BackOnline(OFFICE)]
-    assert state.take_outgoing(2.0, LOCAL_NOW, 10) == [seconds_cmd(1), minutes_cmd(2)]
+    assert take_outgoing(state, 2.0, LOCAL_NOW, 10) == [seconds_cmd(1), minutes_cmd(2)]
 
 
 def test_live_reading_brings_an_offline_meter_back() -> None:
@@ -241,7 +250,7 @@ def test_live_reading_brings_an_offline_meter_back() -> None:
     state.observe_availability(OFFICE, "offline", 0.0)
     assert state.observe_reading(OFFICE, "minutes", None, retained=False, now=1.0, local_now=LOCAL_NOW) == [
         BackOnline(OFFICE)]
-    assert state.take_outgoing(1.0, LOCAL_NOW, 10) == [seconds_cmd(1), minutes_cmd(2)]
+    assert take_outgoing(state, 1.0, LOCAL_NOW, 10) == [seconds_cmd(1), minutes_cmd(2)]
 
 
 def test_going_offline_drops_queued_commands() -> None:
@@ -250,7 +259,7 @@ def test_going_offline_drops_queued_commands() -> None:
     assert state.observe_availability(OFFICE, "offline", 0.1) == [
         WentOffline(OFFICE), Cancelled(seconds_cmd(1), "meter went offline"),
         Cancelled(minutes_cmd(2), "meter went offline")]
-    assert state.take_outgoing(0.2, LOCAL_NOW, 10) == []
+    assert take_outgoing(state, 0.2, LOCAL_NOW, 10) == []
     assert state.counters()["pending"] == 0
 
 
@@ -260,7 +269,7 @@ def test_going_offline_drops_queued_commands() -> None:
 def test_reply_within_the_timeout_is_an_ack_with_its_latency() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(10.0, LOCAL_NOW, 10)
+    take_outgoing(state, 10.0, LOCAL_NOW, 10)
     assert state.observe_reply(reply(1), now=10.25) == [Acked(seconds_cmd(1), 0.25)]
     assert state.observe_reply(reply(2), now=13.0) == [Acked(minutes_cmd(2), 3.0)]  # at the deadline: in time
     assert state.slot_status(OFFICE, CommandKind.SECONDS_INTERVAL) is SlotStatus.ACKED
@@ -272,7 +281,7 @@ def test_reply_within_the_timeout_is_an_ack_with_its_latency() -> None:
 def test_code_02_is_a_failure_with_the_meters_msg_and_is_not_retried() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     assert state.observe_reply(reply(1, "02", msg="value not allowed"), 1.0) == [
         Failed(seconds_cmd(1), "value not allowed", 1.0)]
     assert state.observe_reply(reply(2, "02"), 1.5) == [Failed(minutes_cmd(2), None, 1.5)]
@@ -284,24 +293,24 @@ def test_code_02_is_a_failure_with_the_meters_msg_and_is_not_retried() -> None:
 def test_no_reply_alerts_and_retries_with_growing_delays_then_gives_up() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    assert state.take_outgoing(0.0, LOCAL_NOW, 1) == [seconds_cmd(1)]
+    assert take_outgoing(state, 0.0, LOCAL_NOW, 1) == [seconds_cmd(1)]
     assert state.next_wakeup() == 3.0
     assert state.tick(2.999) == []
     assert state.tick(3.0) == [NoReply(seconds_cmd(1), 3.0, 10.0, 3)]
     assert state.next_wakeup() == 13.0
     assert state.tick(12.9) == []
     assert state.tick(13.0) == [Retrying(seconds_cmd(3, attempt=1), 3)]
-    assert state.take_outgoing(13.5, LOCAL_NOW, 10) == [minutes_cmd(2), seconds_cmd(3, attempt=1)]
+    assert take_outgoing(state, 13.5, LOCAL_NOW, 10) == [minutes_cmd(2), seconds_cmd(3, attempt=1)]
     state.observe_reply(reply(2), 14.0)
     assert state.tick(16.5) == [NoReply(seconds_cmd(3, attempt=1), 3.0, 60.0, 3)]
     assert state.tick(76.5) == [Retrying(seconds_cmd(4, attempt=2), 3)]
-    state.take_outgoing(76.5, LOCAL_NOW, 10)
+    take_outgoing(state, 76.5, LOCAL_NOW, 10)
     assert state.tick(79.5) == [NoReply(seconds_cmd(4, attempt=2), 3.0, 300.0, 3)]
     # Still sending readings (so online), just not answering commands.
     for heard in (100.0, 200.0, 300.0):
         assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=heard, local_now=LOCAL_NOW) == []
     assert state.tick(379.5) == [Retrying(seconds_cmd(5, attempt=3), 3)]
-    state.take_outgoing(380.0, LOCAL_NOW, 10)
+    take_outgoing(state, 380.0, LOCAL_NOW, 10)
     assert state.tick(383.0) == [NoReply(seconds_cmd(5, attempt=3), 3.0, None, 3)]
     assert state.slot_status(OFFICE, CommandKind.SECONDS_INTERVAL) is SlotStatus.GAVE_UP
     assert state.tick(100000.0) == []
@@ -313,27 +322,27 @@ def test_no_reply_alerts_and_retries_with_growing_delays_then_gives_up() -> None
 def test_given_up_meter_is_configured_again_when_back_online() -> None:
     state = tracker(retry_delays=())
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     assert state.tick(3.0) == [NoReply(seconds_cmd(1), 3.0, None, 0), NoReply(minutes_cmd(2), 3.0, None, 0)]
     state.observe_availability(OFFICE, "offline", 50.0)
     assert state.observe_availability(OFFICE, "online", 60.0) == [BackOnline(OFFICE)]
-    assert state.take_outgoing(60.0, LOCAL_NOW, 10) == [seconds_cmd(3), minutes_cmd(4)]
+    assert take_outgoing(state, 60.0, LOCAL_NOW, 10) == [seconds_cmd(3), minutes_cmd(4)]
 
 
 def test_given_up_meter_is_configured_again_when_the_configuration_changes() -> None:
     state = tracker(retry_delays=())
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     state.tick(3.0)
     new_settings = MeterSettings(upload_frequency_seconds=300, upload_frequency_minutes=5)
     assert state.apply_settings(new_settings, 10.0) == []
-    assert state.take_outgoing(10.0, LOCAL_NOW, 10) == [seconds_cmd(3, value="300"), minutes_cmd(4, value="5")]
+    assert take_outgoing(state, 10.0, LOCAL_NOW, 10) == [seconds_cmd(3, value="300"), minutes_cmd(4, value="5")]
 
 
 def test_reply_after_the_timeout_is_late_and_stops_the_retry() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     state.tick(3.0)
     assert state.observe_reply(reply(1), 4.5) == [LateReply(seconds_cmd(1), "01", None, 4.5, True)]
     assert state.slot_status(OFFICE, CommandKind.SECONDS_INTERVAL) is SlotStatus.ACKED
@@ -345,7 +354,7 @@ def test_reply_after_the_timeout_is_late_and_stops_the_retry() -> None:
 def test_reply_handled_after_its_deadline_but_before_the_tick_is_alerted_then_late() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 1)
+    take_outgoing(state, 0.0, LOCAL_NOW, 1)
     assert state.observe_reply(reply(1), 3.2) == [
         NoReply(seconds_cmd(1), 3.0, 10.0, 3), LateReply(seconds_cmd(1), "01", None, 3.2, True)]
     assert state.tick(13.0) == []
@@ -354,11 +363,11 @@ def test_reply_handled_after_its_deadline_but_before_the_tick_is_alerted_then_la
 def test_new_command_supersedes_the_pending_one_for_the_same_meter_and_cmd() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     new_settings = MeterSettings(upload_frequency_seconds=600)
     assert state.apply_settings(new_settings, 1.0) == [Superseded(seconds_cmd(1)), Superseded(minutes_cmd(2))]
-    assert state.take_outgoing(1.0, LOCAL_NOW, 10) == [seconds_cmd(3, value="600"), minutes_cmd(4)]
-    assert state.observe_reply(reply(1), 1.5) == [IgnoredReply(seconds_cmd(1), Outcome.SUPERSEDED)]
+    assert take_outgoing(state, 1.0, LOCAL_NOW, 10) == [seconds_cmd(3, value="600"), minutes_cmd(4)]
+    assert state.observe_reply(reply(1), 1.5) == [IgnoredReply(seconds_cmd(1), CommandOutcome.SUPERSEDED)]
     # The superseded command's deadline passes silently.
     assert state.tick(3.5) == []
     assert state.counters()["superseded"] == 2
@@ -367,16 +376,16 @@ def test_new_command_supersedes_the_pending_one_for_the_same_meter_and_cmd() -> 
 def test_duplicate_reply_is_ignored() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     state.observe_reply(reply(1), 0.5)
-    assert state.observe_reply(reply(1), 0.6) == [IgnoredReply(seconds_cmd(1), Outcome.ACKED)]
+    assert state.observe_reply(reply(1), 0.6) == [IgnoredReply(seconds_cmd(1), CommandOutcome.ACKED)]
     assert (state.counters()["acked"], state.counters()["ignored_replies"]) == (1, 1)
 
 
 def test_hostile_replies_are_counted_and_rejected() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     assert state.observe_reply(b"\x00garbage", 0.1) == [RejectedReply("malformed JSON", "b'\\x00garbage'")]
     assert state.observe_reply(reply(99), 0.2) == [RejectedReply("unknown oprid", oprid(99))]
     assert state.observe_reply(reply(1, meter_id=HEAT_PUMP), 0.3) == [
@@ -389,18 +398,18 @@ def test_hostile_replies_are_counted_and_rejected() -> None:
 def test_reply_without_meter_id_is_accepted() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 1)
+    take_outgoing(state, 0.0, LOCAL_NOW, 1)
     assert state.observe_reply(reply(1, meter_id=None), 0.5) == [Acked(seconds_cmd(1), 0.5)]
 
 
 def test_lost_connection_requeues_sent_commands_and_their_deadline_restarts_on_resend() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     assert state.connection_lost() == 2
     assert state.connection_lost() == 0
     assert state.tick(1000.0) == []  # no alert for our own outage
-    assert state.take_outgoing(1000.0, LOCAL_NOW, 10) == [seconds_cmd(1), minutes_cmd(2)]
+    assert take_outgoing(state, 1000.0, LOCAL_NOW, 10) == [seconds_cmd(1), minutes_cmd(2)]
     assert state.tick(1002.9) == []
     assert state.tick(1003.0) == [NoReply(seconds_cmd(1), 3.0, 10.0, 3), NoReply(minutes_cmd(2), 3.0, 10.0, 3)]
 
@@ -408,12 +417,12 @@ def test_lost_connection_requeues_sent_commands_and_their_deadline_restarts_on_r
 def test_excluding_a_meter_cancels_its_commands() -> None:
     state = tracker()
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     new_settings = MeterSettings(exclude=frozenset({OFFICE}))
     assert state.apply_settings(new_settings, 1.0) == [
         Cancelled(seconds_cmd(1), "meter is now excluded"), Cancelled(minutes_cmd(2), "meter is now excluded")]
     assert state.tick(100.0) == []
-    assert state.take_outgoing(100.0, LOCAL_NOW, 10) == []
+    assert take_outgoing(state, 100.0, LOCAL_NOW, 10) == []
 
 
 def test_thousand_silent_meters_all_time_out_in_one_tick() -> None:
@@ -421,7 +430,7 @@ def test_thousand_silent_meters_all_time_out_in_one_tick() -> None:
     meters = [f"33B{n:010d}" for n in range(1000)]
     for meter_id in meters:
         state.observe_availability(meter_id, "online", 0.0)
-    assert len(state.take_outgoing(0.0, LOCAL_NOW, 5000)) == 2000
+    assert len(take_outgoing(state, 0.0, LOCAL_NOW, 5000)) == 2000
     assert state.next_wakeup() == 3.0
     assert len(state.tick(3.0)) == 2000
     assert state.counters()["alerted"] == 2000
@@ -434,7 +443,7 @@ def acked_discovery(state: CommandTracker, meter_ids: list[str], now: float) -> 
     """Discover the meters at ``now`` and acknowledge their interval commands at once."""
     for meter_id in meter_ids:
         state.observe_availability(meter_id, "online", now)
-    for command in state.take_outgoing(now, LOCAL_NOW, 100):
+    for command in take_outgoing(state, now, LOCAL_NOW, 100):
         assert state.observe_reply(reply(int(command.oprid), meter_id=command.meter_id), now) != []
 
 
@@ -457,13 +466,13 @@ def test_a_save_goes_to_the_meters_online_now_and_a_silent_one_gets_it_when_hear
 
     # The heat pump (limit 75 s) has been silent for 160 s; the office was heard 60 s ago.
     assert state.apply_settings(new_settings, 160.0) == [Deferred(HEAT_PUMP, "the new settings", 160.0, 75.0)]
-    assert state.take_outgoing(160.0, LOCAL_NOW, 10) == [seconds_cmd(5, value="300"), minutes_cmd(6, value="5")]
+    assert take_outgoing(state, 160.0, LOCAL_NOW, 10) == [seconds_cmd(5, value="300"), minutes_cmd(6, value="5")]
     assert state.tick(1000.0) == [NoReply(seconds_cmd(5, value="300"), 3.0, 10.0, 3),
                                   NoReply(minutes_cmd(6, value="5"), 3.0, 10.0, 3)]
 
     assert state.observe_reading(HEAT_PUMP, "minutes", None, retained=False, now=2000.0, local_now=LOCAL_NOW) == [
         BackOnline(HEAT_PUMP)]
-    assert state.take_outgoing(2000.0, LOCAL_NOW, 10) == [
+    assert take_outgoing(state, 2000.0, LOCAL_NOW, 10) == [
         seconds_cmd(7, HEAT_PUMP, "300"), minutes_cmd(8, HEAT_PUMP, "5")]
 
 
@@ -472,21 +481,21 @@ def test_a_meter_offline_by_its_availability_is_not_deferred_but_configured_when
     acked_discovery(state, [OFFICE], 0.0)
     state.observe_availability(OFFICE, "offline", 1.0)
     assert state.apply_settings(MeterSettings(upload_frequency_seconds=300), 2.0) == []
-    assert state.take_outgoing(2.0, LOCAL_NOW, 10) == []
+    assert take_outgoing(state, 2.0, LOCAL_NOW, 10) == []
     assert state.observe_availability(OFFICE, "online", 3.0) == [BackOnline(OFFICE)]
-    assert state.take_outgoing(3.0, LOCAL_NOW, 10) == [seconds_cmd(3, value="300"), minutes_cmd(4)]
+    assert take_outgoing(state, 3.0, LOCAL_NOW, 10) == [seconds_cmd(3, value="300"), minutes_cmd(4)]
 
 
 def test_retries_to_a_meter_gone_silent_are_dropped_without_an_alert() -> None:
     state = tracker(silence_scale=0.1)  # limit 15 s
     state.observe_availability(OFFICE, "online", 0.0)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     assert len(state.tick(3.0)) == 2  # the two commands sent while it was online: alerted, retry in 10 s
     assert state.tick(13.0) == [Retrying(seconds_cmd(3, attempt=1), 3), Retrying(minutes_cmd(4, attempt=1), 3)]
-    state.take_outgoing(13.0, LOCAL_NOW, 10)
+    take_outgoing(state, 13.0, LOCAL_NOW, 10)
     assert len(state.tick(16.0)) == 2  # alerted again, retry in 60 s
     assert state.tick(76.0) == [Deferred(OFFICE, "the retries", 76.0, 15.0)]
-    assert state.take_outgoing(76.0, LOCAL_NOW, 10) == []
+    assert take_outgoing(state, 76.0, LOCAL_NOW, 10) == []
     assert state.tick(100000.0) == []
     assert state.next_wakeup() is None
     assert (state.counters()["alerted"], state.counters()["retried"]) == (4, 2)
@@ -494,7 +503,7 @@ def test_retries_to_a_meter_gone_silent_are_dropped_without_an_alert() -> None:
 
     assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=200000.0, local_now=LOCAL_NOW) == [
         BackOnline(OFFICE)]
-    assert state.take_outgoing(200000.0, LOCAL_NOW, 10) == [seconds_cmd(5), minutes_cmd(6)]
+    assert take_outgoing(state, 200000.0, LOCAL_NOW, 10) == [seconds_cmd(5), minutes_cmd(6)]
 
 
 def test_live_availability_online_counts_as_hearing_the_meter_a_retained_one_does_not() -> None:
@@ -503,7 +512,7 @@ def test_live_availability_online_counts_as_hearing_the_meter_a_retained_one_doe
     assert state.observe_availability(OFFICE, "online", 140.0, retained=True) == []
     assert state.is_away(OFFICE, 151.0)
     assert state.observe_availability(OFFICE, "online", 151.0) == [BackOnline(OFFICE)]
-    assert state.take_outgoing(151.0, LOCAL_NOW, 10) == [seconds_cmd(3), minutes_cmd(4)]
+    assert take_outgoing(state, 151.0, LOCAL_NOW, 10) == [seconds_cmd(3), minutes_cmd(4)]
     assert state.observe_availability(OFFICE, "online", 290.0) == []
     assert not state.is_away(OFFICE, 300.0)
 
@@ -518,10 +527,10 @@ def test_silence_while_the_sender_was_not_listening_does_not_count() -> None:
     assert state.away_meters(1000.0) == set()
     # Not "back online" (it was not away), but the held-back settings go out now.
     assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=1010.0, local_now=LOCAL_NOW) == []
-    assert state.take_outgoing(1010.0, LOCAL_NOW, 10) == [seconds_cmd(5, value="300"), minutes_cmd(6)]
+    assert take_outgoing(state, 1010.0, LOCAL_NOW, 10) == [seconds_cmd(5, value="300"), minutes_cmd(6)]
     # Nothing held back for the office any more: its next reading sends nothing.
     assert state.observe_reading(OFFICE, "seconds", None, retained=False, now=1020.0, local_now=LOCAL_NOW) == []
-    assert state.take_outgoing(1020.0, LOCAL_NOW, 10) == []
+    assert take_outgoing(state, 1020.0, LOCAL_NOW, 10) == []
 
 
 def test_silence_limit_follows_the_longer_of_the_configured_and_the_acknowledged_intervals() -> None:
@@ -531,7 +540,7 @@ def test_silence_limit_follows_the_longer_of_the_configured_and_the_acknowledged
     assert state.silence_limit(OFFICE) == 9000.0
     # Faster intervals: until the meter acknowledges them, it still reports hourly.
     assert state.apply_settings(MeterSettings(upload_frequency_seconds=30, upload_frequency_minutes=1), 5000.0) == []
-    seconds, minutes = state.take_outgoing(5000.0, LOCAL_NOW, 10)
+    seconds, minutes = take_outgoing(state, 5000.0, LOCAL_NOW, 10)
     assert state.silence_limit(OFFICE) == 9000.0
     state.observe_reply(reply(int(minutes.oprid)), 5000.5)
     assert state.silence_limit(OFFICE) == 150.0  # energy every minute now; power still hourly
@@ -549,7 +558,7 @@ def test_meter_clock_in_2005_gets_a_clock_command_at_most_hourly() -> None:
     drift = (datetime(2005, 1, 1) - LOCAL_NOW).total_seconds()
     assert events == [Discovered(OFFICE, "seconds", False, False), ClockDrift(OFFICE, datetime(2005, 1, 1), drift)]
     later = datetime(2026, 1, 12, 16, 39, 7)
-    assert state.take_outgoing(0.1, later, 10) == [
+    assert take_outgoing(state, 0.1, later, 10) == [
         seconds_cmd(1), minutes_cmd(2), Command(OFFICE, CommandKind.CLOCK, "20260112163907", oprid(3))]
     assert state.observe_reply(reply(3), 0.5) == [
         Acked(Command(OFFICE, CommandKind.CLOCK, "20260112163907", oprid(3)), 0.4)]
@@ -563,27 +572,27 @@ def test_meter_clock_within_the_drift_gets_no_clock_command() -> None:
     state = tracker()
     assert state.observe_reading(OFFICE, "seconds", datetime(2026, 1, 12, 16, 39), False, 0.0, LOCAL_NOW) == [
         Discovered(OFFICE, "seconds", False, False)]
-    assert [c.kind for c in state.take_outgoing(0.0, LOCAL_NOW, 10)] == [
+    assert [c.kind for c in take_outgoing(state, 0.0, LOCAL_NOW, 10)] == [
         CommandKind.SECONDS_INTERVAL, CommandKind.MINUTES_INTERVAL]
 
 
 def test_retained_old_reading_does_not_trigger_a_clock_command() -> None:
     state = tracker()
     state.observe_reading(OFFICE, "minutes", datetime(2005, 1, 1), retained=True, now=0.0, local_now=LOCAL_NOW)
-    assert CommandKind.CLOCK not in [c.kind for c in state.take_outgoing(0.0, LOCAL_NOW, 10)]
+    assert CommandKind.CLOCK not in [c.kind for c in take_outgoing(state, 0.0, LOCAL_NOW, 10)]
     assert state.counters()["clock_commands"] == 0
 
 
 def test_clock_sync_off_sends_no_clock_command() -> None:
     state = tracker(settings=MeterSettings(clock_sync=False))
     state.observe_reading(OFFICE, "seconds", datetime(2005, 1, 1), retained=False, now=0.0, local_now=LOCAL_NOW)
-    assert CommandKind.CLOCK not in [c.kind for c in state.take_outgoing(0.0, LOCAL_NOW, 10)]
+    assert CommandKind.CLOCK not in [c.kind for c in take_outgoing(state, 0.0, LOCAL_NOW, 10)]
 
 
 def test_unanswered_clock_command_is_alerted_but_not_retried() -> None:
     state = tracker()
     state.observe_reading(OFFICE, "seconds", datetime(2005, 1, 1), retained=False, now=0.0, local_now=LOCAL_NOW)
-    state.take_outgoing(0.0, LOCAL_NOW, 10)
+    take_outgoing(state, 0.0, LOCAL_NOW, 10)
     state.observe_reply(reply(1), 0.1)
     state.observe_reply(reply(2), 0.1)
     clock = Command(OFFICE, CommandKind.CLOCK, "20260112163905", oprid(3))
@@ -601,7 +610,7 @@ def test_every_sent_command_ends_acked_failed_or_alerted_exactly_once(behaviours
     meters = [f"33B{n:010d}" for n in range(len(behaviours))]
     for meter_id in meters:
         state.observe_availability(meter_id, "online", 0.0)
-    sent = state.take_outgoing(0.0, LOCAL_NOW, 1000)
+    sent = take_outgoing(state, 0.0, LOCAL_NOW, 1000)
     for command in sent:
         behaviour = behaviours[meters.index(command.meter_id)]
         if behaviour in ("01", "02"):

@@ -314,7 +314,7 @@ def test_a_new_meter_is_announced_at_once_and_only_once_retained() -> None:
 def test_an_excluded_meter_is_never_announced() -> None:
     subject, published = announcer(MeterSettings(exclude=frozenset({METER})))
     assert not subject.meter_seen(METER)
-    subject.known_meters([METER])
+    subject.announce_known([METER])
     subject.ha_online()
     subject.tick(0.0)
     assert published.messages == []
@@ -324,7 +324,7 @@ def test_with_discovery_off_nothing_is_published_or_subscribed() -> None:
     subject, published = announcer(MeterSettings(exclude=frozenset({OTHER})), enabled=False)
     assert subject.subscriptions == ()
     subject.meter_seen(METER)
-    subject.known_meters([METER])
+    subject.announce_known([METER])
     subject.on_central_message("homeassistant/status", b"online", False)
     subject.on_central_message(f"homeassistant/sensor/kpm33b_{OTHER}/active_power/config", b"{}", True)
     subject.tick(0.0)
@@ -338,7 +338,7 @@ def test_subscriptions_are_the_status_and_every_sensor_config() -> None:
 
 def test_known_meters_at_start_are_announced_over_the_next_ticks() -> None:
     subject, published = announcer(MeterSettings(exclude=frozenset({OTHER})), meters_per_tick=2)
-    subject.known_meters([METER, OTHER, "33B0000000001", "33B0000000002"])
+    subject.announce_known([METER, OTHER, "33B0000000001", "33B0000000002"])
     assert published.messages == []
     assert subject.tick(0.0) == 2
     assert published.meters() == [METER, "33B0000000001"]
@@ -380,7 +380,7 @@ def test_online_again_before_the_round_ends_does_not_announce_a_meter_twice() ->
 
 def test_a_meter_seen_while_waiting_for_its_turn_is_announced_at_once() -> None:
     subject, published = announcer(meters_per_tick=1)
-    subject.known_meters(["33B0000000001", METER])
+    subject.announce_known(["33B0000000001", METER])
     assert subject.meter_seen(METER)
     assert published.meters() == [METER]
     subject.tick(0.0)

@@ -249,7 +249,10 @@ def test_commands_and_stats_the_brokers_refuse_are_errors_not_alerts(
 def test_a_refused_command_is_neither_sent_nor_alerted_nor_retried() -> None:
     tracker = CommandTracker(MeterSettings(), retry_delays=(10.0,))
     tracker.observe_availability(NO_ACCOUNT, "online", now=0.0)
-    seconds, minutes = tracker.take_outgoing(0.0, LOCAL_NOW, limit=10)
+    seconds, minutes = tracker.pop_outgoing(LOCAL_NOW), tracker.pop_outgoing(LOCAL_NOW)
+    assert seconds is not None and minutes is not None and tracker.pop_outgoing(LOCAL_NOW) is None
+    tracker.mark_sent(seconds, 0.0)
+    tracker.mark_sent(minutes, 0.0)
     assert (seconds.kind, minutes.kind) == (CommandKind.SECONDS_INTERVAL, CommandKind.MINUTES_INTERVAL)
     tracker.refused_by_broker(seconds)
     counters = tracker.counters()
@@ -259,8 +262,9 @@ def test_a_refused_command_is_neither_sent_nor_alerted_nor_retried() -> None:
     events = tracker.tick(100.0) + tracker.tick(200.0)
     assert [(type(event).__name__, event.command.kind) for event in events] == [  # type: ignore[union-attr]
         ("NoReply", CommandKind.MINUTES_INTERVAL), ("Retrying", CommandKind.MINUTES_INTERVAL)]
-    assert [command.kind for command in tracker.take_outgoing(200.0, LOCAL_NOW, limit=10)] == [
-        CommandKind.MINUTES_INTERVAL]
+    retry = tracker.pop_outgoing(LOCAL_NOW)
+    assert retry is not None and retry.kind is CommandKind.MINUTES_INTERVAL
+    assert tracker.pop_outgoing(LOCAL_NOW) is None
     assert tracker.counters()["alerted"] == 1
 
 

@@ -211,7 +211,7 @@ def test_writes_failing_on_a_full_disk_are_one_error_a_minute_retried_and_caught
         journal = EnergyJournal(mount_point / "state", retry_seconds=5.0, clock=clock)
         journal.open()
         filler = fill_up(mount_point)
-        with caplog.at_level(logging.DEBUG, logger="kpm33b_proxy.journal"):
+        with caplog.at_level(logging.DEBUG, logger="state_store"):
             journal.record(METER, 1.0, "20260117200000")
             journal.flush()  # fails: an ERROR
             assert len(journal_errors(caplog)) == 1 and "No space left on device" in journal_errors(caplog)[0]
@@ -255,7 +255,7 @@ def test_a_journal_still_failing_at_close_says_so_and_holds_only_acknowledged_fl
         journal.open()
         fill_up(mount_point)
         recorded = [2.0 + index for index in range(300)]  # more than the file's last page holds
-        with caplog.at_level(logging.ERROR, logger="kpm33b_proxy.journal"):
+        with caplog.at_level(logging.ERROR, logger="state_store"):
             for energy in recorded:
                 journal.record(METER, energy, "20260117201500")
             journal.flush()
