@@ -259,7 +259,7 @@ def test_a_refused_command_is_neither_sent_nor_alerted_nor_retried() -> None:
     assert (counters["sent"], counters["refused_by_broker"], counters["pending"]) == (1, 1, 1)
     assert tracker.slot_status(NO_ACCOUNT, CommandKind.SECONDS_INTERVAL) is SlotStatus.REFUSED
     # Past every deadline and retry: only the command the broker took times out and is retried.
-    events = tracker.tick(100.0) + tracker.tick(200.0)
+    events = tracker.tick(5.0) + tracker.tick(20.0)
     assert [(type(event).__name__, event.command.kind) for event in events] == [  # type: ignore[union-attr]
         ("NoReply", CommandKind.MINUTES_INTERVAL), ("Retrying", CommandKind.MINUTES_INTERVAL)]
     retry = tracker.pop_outgoing(LOCAL_NOW)
