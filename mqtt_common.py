@@ -242,8 +242,13 @@ def make_client(
 
 
 def _drop_disconnected_loop_noise(record: logging.LogRecord) -> bool:
-    """paho logs an ERROR for every loop pass after a deliberate disconnect: not an error."""
-    return not record.getMessage().startswith("Client is not connected")
+    """paho's ERRORs that ConnectionReporter words better, or that are no errors at all.
+
+    paho logs one for every loop pass after a deliberate disconnect, and one
+    for a connection reset, which the reporter says (with its likely cause).
+    """
+    message = record.getMessage()
+    return not (message.startswith("Client is not connected") or message.startswith("failed to receive on socket"))
 
 
 def connect_in_background(client: mqtt.Client, settings: BrokerSettings, *,
@@ -402,6 +407,7 @@ class ConnectionReporter:
         self.protocol = PROTOCOL_311 if settings.protocol == PROTOCOL_311 else PROTOCOL_5
         self._apply_protocol = True
         self._accepted: set[str] = set()  # versions this broker has accepted: auto keeps to them
+        self._tried_311 = False  # auto fell back once already: closing on both versions is no version problem
         self._announced: str | None = None
         self._limits_logged: set[str] = set()
         self._last_refusal: str | None = None
@@ -465,13 +471,13 @@ class ConnectionReporter:
             self._cancel_timer()
         # The broker could not be reached: an outage or a restart explains the connections before.
         self.short_lived = 0
-        level = logging.ERROR if isinstance(error, ssl.SSLError) else logging.WARNING
         hint = ""
-        # A plain port answers a TLS handshake with garbage or by hanging up.
+        # A plain port answers a TLS handshake with garbage or by hanging up: a setting to fix, an ERROR.
         if self.settings.tls is not None and isinstance(error, ssl.SSLError | ConnectionResetError) \
                 and not isinstance(error, ssl.SSLCertVerificationError):
             hint = self._tls_hint() or (f" (does port {self.settings.port} speak plain MQTT? check "
                                         f"{self.section}.port and .tls)")
+        level = logging.ERROR if isinstance(error, ssl.SSLError) or hint else logging.WARNING
         self.log.log(level, "cannot connect to the %s: %s%s; retrying", self.where, describe_connect_failure(error),
                      hint)
 
@@ -570,8 +576,9 @@ class ConnectionReporter:
     # --- the pieces ----------------------------------------------------------------
 
     def _closed_before_connack(self, version: str, switched: bool) -> None:
-        if switched and version == PROTOCOL_5 and not self._accepted:
+        if switched and version == PROTOCOL_5 and not self._tried_311:
             # auto's usual first step with a broker that speaks only 3.1.1 (RabbitMQ before 3.13).
+            self._tried_311 = True
             self.log.info("the %s closed the connection without answering MQTT 5: trying MQTT 3.1.1", self.where)
             return
         self.log.warning("the %s closed the connection before answering the CONNECT (MQTT %s): %s; %s",

@@ -13,6 +13,7 @@ a broker at the end.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import socket
@@ -27,9 +28,17 @@ import paho.mqtt.client as mqtt
 import pytest
 from amqtt_broker import Amqtt
 from broker import Mosquitto, wait_for
+from certs import TestCertificates, make_certificates
 from daemons import Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+from paho.mqtt.client import DisconnectFlags
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
+import mqtt_common
+from config_loader import BrokerSettings
+from mqtt_common import BrokerLimits, ConnectionReporter, broker_limits, publish_packet_size, tls_hint
 from tools.meter_simulator import MeterSimulator, encode_payload, eny_now_payload, rt_data_payload
 
 PROXY = "kpm33b_proxy.py"
@@ -364,3 +373,273 @@ def test_no_connack_within_the_connect_timeout_is_a_warning_naming_the_likely_ca
     assert CONNACK_TIMEOUT - 1 <= waited < CONNACK_TIMEOUT + 3
     assert "disconnected from the central broker" not in proxy.output()
     assert proxy.terminate() == 0
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
+    return make_certificates(tmp_path_factory.mktemp("certificates"))
+
+
+def test_plain_mqtt_to_a_tls_port_is_a_warning_that_mentions_tls_not_a_second_instance(
+        tmp_path: Path, internal_broker: Mosquitto, certificates: TestCertificates, cleanup: Cleanup) -> None:
+    server = certificates.server
+    central = Mosquitto(extra_config=f"cafile {certificates.ca.cert}\ncertfile {server.cert}\nkeyfile {server.key}")
+    cleanup(central.cleanup)
+    central.start()
+    proxy = daemon(cleanup, PROXY, write_config(tmp_path, config_dict(internal_broker.port, central.port)))
+    closed = "closed the connection before answering the CONNECT"
+    # auto: MQTT 5 first (closed: try 3.1.1), then 3.1.1 (closed too: that is no version problem).
+    wait_for(lambda: len(lines(proxy, closed, "WARNING")) >= 2 or not proxy.alive(), timeout=30)
+    warnings = lines(proxy, closed, "WARNING")
+    for warning in warnings:
+        print(f"\n[plain MQTT to a TLS port] {warning.split(': ', 1)[1]}")
+        assert "TLS port spoken to in plain text" in warning
+    output = proxy.output()
+    assert TAKEN_OVER not in output and "retrying slowly" not in output
+    assert "disconnected from the central broker" not in output
+    assert "connected to the central broker" not in output
+    assert proxy.terminate() == 0
+
+
+def test_tls_to_a_plain_port_is_an_error_that_suggests_plain_mqtt(
+        tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto, certificates: TestCertificates,
+        cleanup: Cleanup) -> None:
+    document = config_dict(internal_broker.port, central_broker.port)
+    document["central_broker"]["tls"] = {"ca_file": str(certificates.ca.cert)}
+    proxy = daemon(cleanup, PROXY, write_config(tmp_path, document))
+    wait_for(lambda: lines(proxy, "cannot connect to the central broker") or not proxy.alive(), timeout=20)
+    error = lines(proxy, "cannot connect to the central broker")[0]
+    print(f"\n[TLS to a plain port] {error.split(': ', 1)[1]}")
+    assert " ERROR " in error
+    assert f"does port {central_broker.port} speak plain MQTT? check central_broker.port and .tls" in error
+    assert proxy.terminate() == 0
+
+
+# --- MQTT 3.1.1 towards the internal broker: the persistent session stays ---------------------------
+
+
+def test_the_proxys_session_on_an_internal_broker_spoken_to_in_mqtt_3_1_1_outlives_a_restart(
+        tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto, cleanup: Cleanup) -> None:
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes")
+    cleanup(consumer.close)
+    document = config_dict(internal_broker.port, central_broker.port)
+    document["internal_broker"]["protocol"] = "3.1.1"
+    config = write_config(tmp_path, document)
+    proxy = daemon(cleanup, PROXY, config)
+    wait_for(lambda: "bridge state online" in proxy.output() or not proxy.alive(), timeout=20)
+    assert proxy.terminate() == 0
+    # Published while the proxy is away: the broker keeps them in the proxy's session.
+    send_readings(cleanup, internal_broker.port, ROUNDS)
+    proxy = daemon(cleanup, PROXY, config)
+    wait_for(lambda: len(consumer.on(f"kpm33b/{METER}/minutes")) == ROUNDS, timeout=20)
+    # MQTT 3.1.1 ("p2") without a clean session ("c0"), both times.
+    assert len(re.findall(r"New client connected from \S+ as kpm33b-proxy \(p2, c0, ", internal_broker.log())) == 2
+    assert len(lines(proxy, "using MQTT 3.1.1 with the internal broker", "INFO")) == 1
+    (losses,) = lines(proxy, "under MQTT 3.1.1 the internal broker", "WARNING")
+    print(f"\n[internal broker, MQTT 3.1.1] {losses.split(': ', 1)[1]}")
+    assert proxy.terminate() == 0
+
+
+# --- the pure pieces ---------------------------------------------------------------------------------
+
+
+def test_the_computed_packet_size_is_exact_against_mosquittos_maximum_packet_size(cleanup: Cleanup) -> None:
+    """The largest message the proxy would send is taken, and the count is exact to the byte.
+
+    MQTT 5 counts the whole packet; Mosquitto 2.0 leaves out the remaining
+    length's own bytes (two here), so it still takes 514 bytes and closes the
+    connection at 515. Counting as MQTT 5 says is the safe side for any broker,
+    and an error of one byte either way would change one of the outcomes.
+    """
+    central = limited_broker(cleanup, "max_packet_size 512")
+    topic = "kpm33b/33B1225950027/seconds"
+    payload_size = max(size for size in range(600) if publish_packet_size(topic, size, 1, mqtt5=True) <= 512)
+    assert publish_packet_size(topic, payload_size, 1, mqtt5=True) == 512
+    outcomes: list[str] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="packet-size", protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_publish = lambda _c, _u, _mid, reason_code, _p: outcomes.append(f"acked: {reason_code}")
+    client.on_disconnect = lambda _c, _u, _f, reason_code, _p: outcomes.append(f"closed: {reason_code}")
+    client.connect("127.0.0.1", central.port)
+    client.loop_start()
+    cleanup(client.loop_stop)
+    wait_for(client.is_connected)
+    for extra in (0, 2, 3):
+        client.publish(topic, b"x" * (payload_size + extra), qos=1)
+        wait_for(lambda extra=extra: len(outcomes) > [0, 2, 3].index(extra), timeout=5)
+    assert outcomes[:3] == ["acked: No matching subscribers", "acked: No matching subscribers",
+                            "closed: Packet too large"]
+
+
+@pytest.mark.parametrize(("topic", "payload", "qos", "mqtt5", "size"), [
+    ("a/b", 0, 0, False, 7),  # 1 type, 1 length, 2+3 topic
+    ("a/b", 10, 1, False, 19),  # + 2 packet id + 10
+    ("a/b", 10, 1, True, 20),  # + 1 properties length
+    ("a/b", 114, 1, True, 124),  # remaining length 122: still one byte
+    ("a/b", 120, 1, True, 131),  # remaining length 128: two bytes
+    ("kpm33b/é", 0, 1, True, 16),  # the topic counts in UTF-8 bytes: 9, not 8
+])
+def test_publish_packet_size(topic: str, payload: int, qos: int, mqtt5: bool, size: int) -> None:
+    assert publish_packet_size(topic, payload, qos, mqtt5) == size
+
+
+def test_broker_limits_are_read_from_the_connack_and_nonsense_counts_as_not_announced() -> None:
+    connack = Properties(PacketTypes.CONNACK)
+    assert broker_limits(connack) == BrokerLimits(retain_available=True, maximum_qos=2, maximum_packet_size=None)
+    connack.RetainAvailable = 0
+    connack.MaximumQoS = 0
+    connack.MaximumPacketSize = 512
+    assert broker_limits(connack) == BrokerLimits(retain_available=False, maximum_qos=0, maximum_packet_size=512)
+    assert broker_limits(None) == BrokerLimits()
+
+    class Hostile:
+        RetainAvailable = "no"
+        MaximumQoS = 7
+        MaximumPacketSize = -1
+
+    assert broker_limits(Hostile()) == BrokerLimits()
+
+
+@pytest.mark.parametrize(("port", "tls", "hint"), [
+    (8883, False, "port 8883 usually speaks MQTT over TLS: set central_broker.tls"),
+    (443, False, "port 443 usually speaks MQTT over TLS: set central_broker.tls"),
+    (1883, True, "port 1883 usually speaks plain MQTT: check central_broker.port and central_broker.tls"),
+    (8883, True, ""),
+    (1883, False, ""),
+    (18830, False, ""),
+])
+def test_tls_hint_from_the_port_and_the_setting(port: int, tls: bool, hint: str) -> None:
+    assert tls_hint(port, tls, "central_broker") == hint
+
+
+# --- the reporter's reasoning, without a broker ------------------------------------------------------
+
+
+class Clock:
+    """Stands in for time.monotonic in mqtt_common."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def reporter(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[tuple[Any, Clock]]:
+    clock = Clock()
+    monkeypatch.setattr(mqtt_common.time, "monotonic", clock)
+    caplog.set_level(logging.DEBUG, logger="test_reporter")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test", protocol=MQTTProtocolVersion.MQTTv5)
+    settings = BrokerSettings(host="broker", port=1883)
+    yield ConnectionReporter(client, "central", settings, logging.getLogger("test_reporter")), clock
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= level]
+
+
+def connack(name: str = "Success") -> ReasonCode:
+    return ReasonCode(PacketTypes.CONNACK, name)
+
+
+LOST = ReasonCode(PacketTypes.DISCONNECT, "Unspecified error")
+NOT_FROM_BROKER = DisconnectFlags(is_disconnect_packet_from_server=False)
+FROM_BROKER = DisconnectFlags(is_disconnect_packet_from_server=True)
+
+
+def test_the_brokers_session_taken_over_is_an_error_at_once(reporter: tuple[Any, Clock],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    connection, clock = reporter
+    assert connection.connected(connack())
+    clock.now += 60
+    connection.disconnected(ReasonCode(PacketTypes.DISCONNECT, "Session taken over"), False, FROM_BROKER)
+    connection.disconnected(LOST, False, NOT_FROM_BROKER)  # the socket closing after it: no news
+    assert messages(caplog, logging.WARNING) == [
+        "another client with the same client id took over the session on the central broker broker:1883 "
+        "(Session taken over; a second instance running?); retrying slowly"]
+    assert connection.slowed
+
+
+def test_a_reason_the_broker_gives_is_said_once_and_explains_a_short_connection(
+        reporter: tuple[Any, Clock], caplog: pytest.LogCaptureFixture) -> None:
+    connection, clock = reporter
+    for _ in range(5):
+        connection._on_pre_connect(connection.client, None)
+        assert connection.connected(connack())
+        clock.now += 1
+        connection.disconnected(ReasonCode(PacketTypes.DISCONNECT, "Packet too large"), False, FROM_BROKER)
+        connection.disconnected(LOST, False, NOT_FROM_BROKER)
+    assert messages(caplog, logging.WARNING) == [
+        "the central broker broker:1883 closed the connection: Packet too large; reconnecting"] * 5
+    assert not connection.slowed
+
+
+def test_a_second_instance_takes_three_unexplained_short_connections_and_an_unreachable_broker_resets_that(
+        reporter: tuple[Any, Clock], caplog: pytest.LogCaptureFixture) -> None:
+    connection, clock = reporter
+
+    def short_connection() -> None:
+        connection._on_pre_connect(connection.client, None)
+        assert connection.connected(connack())
+        clock.now += 2
+        connection.disconnected(LOST, False, NOT_FROM_BROKER)
+
+    short_connection()
+    short_connection()
+    try:
+        raise ConnectionRefusedError(111, "Connection refused")
+    except ConnectionRefusedError:
+        connection._on_connect_fail(connection.client, None)  # the broker was down: a restart
+    short_connection()
+    short_connection()
+    assert not connection.slowed
+    assert TAKEN_OVER not in "\n".join(messages(caplog))
+    short_connection()
+    assert connection.slowed
+    assert TAKEN_OVER in messages(caplog, logging.ERROR)[-1]
+
+
+def test_auto_falls_back_only_until_a_version_was_accepted(reporter: tuple[Any, Clock],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    connection, _clock = reporter
+    client = connection.client
+    connection._on_pre_connect(client, None)
+    assert client._protocol == MQTTProtocolVersion.MQTTv5
+    assert not connection.connected(connack("Unsupported protocol version"))
+    connection.disconnected(ReasonCode(PacketTypes.DISCONNECT, "Protocol error"), False, NOT_FROM_BROKER)
+    connection._on_pre_connect(client, None)
+    assert client._protocol == MQTTProtocolVersion.MQTTv311
+    assert connection.connected(connack())
+    connection.disconnected(LOST, False, NOT_FROM_BROKER)
+    # Closed before the CONNACK now (a restart, say): 3.1.1 worked before, so it stays.
+    connection._on_pre_connect(client, None)
+    connection._on_socket_open(client, None, None)
+    connection.disconnected(LOST, False, NOT_FROM_BROKER)
+    connection._on_pre_connect(client, None)
+    assert client._protocol == MQTTProtocolVersion.MQTTv311
+    assert messages(caplog) == [
+        "the central broker broker:1883 does not speak MQTT 5 (Unsupported protocol version): trying MQTT 3.1.1",
+        "using MQTT 3.1.1 with the central broker broker:1883 (protocol: auto)",
+        "disconnected from the central broker broker:1883 (Unspecified error); reconnecting",
+        "the central broker broker:1883 closed the connection before answering the CONNECT (MQTT 3.1.1): not an "
+        "MQTT broker, a broker that does not understand MQTT 3.1.1 or refuses this client at once, or a TLS port "
+        "spoken to in plain text; retrying",
+    ]
+
+
+def test_a_fixed_version_is_never_changed_and_paho_s_own_fall_back_to_3_1_is_undone(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="test_reporter")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test", protocol=MQTTProtocolVersion.MQTTv5)
+    client.connect_async("broker", 1883, clean_start=False)
+    connection = ConnectionReporter(client, "internal", BrokerSettings(host="broker", port=1883, protocol="3.1.1"),
+                                    logging.getLogger("test_reporter"))
+    connection._on_pre_connect(client, None)
+    assert (client._protocol, client._clean_session) == (MQTTProtocolVersion.MQTTv311, False)
+    client._protocol = MQTTProtocolVersion.MQTTv31  # what paho does when a broker refuses 3.1.1
+    assert not connection.connected(connack("Unsupported protocol version"))
+    connection._on_pre_connect(client, None)
+    assert client._protocol == MQTTProtocolVersion.MQTTv311
+    assert messages(caplog, logging.ERROR) == [
+        "the internal broker broker:1883 refused the connection: it does not speak MQTT 3.1.1 "
+        "(Unsupported protocol version); set internal_broker.protocol to auto"]
