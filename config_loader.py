@@ -33,6 +33,12 @@ from topics import METER_ID_PATTERN
 ALLOWED_SECONDS_INTERVALS = (30, 60, 300, 600, 900, 1200, 1800, 3600)
 ALLOWED_MINUTES_INTERVALS = (1, 5, 10, 15, 20, 30, 60, 1440)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# MQTT versions a broker connection may use: "auto" tries 5 and falls back to 3.1.1
+# for the brokers that speak only that (see mqtt_common.ConnectionReporter).
+PROTOCOL_AUTO = "auto"
+PROTOCOL_5 = "5"
+PROTOCOL_311 = "3.1.1"
+PROTOCOLS = (PROTOCOL_AUTO, PROTOCOL_5, PROTOCOL_311)
 CONFIG_ENV_VAR = "KPM33B_CONFIG"
 EXIT_CONFIG_ERROR = 2
 
@@ -66,6 +72,8 @@ class BrokerSettings:
     keepalive_seconds: int = 60
     # Clean messages held while the broker is unreachable (central broker only).
     max_queued_messages: int = 100_000
+    # One of PROTOCOLS. The internal broker defaults to "5": it is the shipped Mosquitto.
+    protocol: str = PROTOCOL_AUTO
 
 
 @dataclass(frozen=True)
@@ -178,8 +186,8 @@ class HealthSettings:
 class Config:
     """The whole, validated configuration."""
 
-    internal_broker: BrokerSettings = BrokerSettings(host="127.0.0.1", port=11883)
-    central_broker: BrokerSettings = BrokerSettings(host="127.0.0.1", port=1883)
+    internal_broker: BrokerSettings = BrokerSettings(host="127.0.0.1", port=11883, protocol=PROTOCOL_5)
+    central_broker: BrokerSettings = BrokerSettings(host="127.0.0.1", port=1883, protocol=PROTOCOL_AUTO)
     internal_broker_topics: InternalTopics = InternalTopics()
     central_broker_topics: CentralTopics = CentralTopics()
     meters: MeterSettings = MeterSettings()
@@ -310,6 +318,15 @@ def _optional_text(value: Any) -> str | None:
     return value
 
 
+def _protocol(value: Any) -> str:
+    """``5`` may come as a YAML integer; ``3.1.1`` is always a string. Nothing else, not even ``5.0``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or value not in PROTOCOLS:
+        raise _Invalid("one of " + ", ".join(PROTOCOLS))
+    return value
+
+
 def _host(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Za-z.:\-_\[\]]{1,253}", value):
         raise _Invalid("an IPv4/IPv6 address or a host name")
@@ -429,6 +446,7 @@ def _read_broker(section: _Section, default: BrokerSettings, env_prefix: str,
         keepalive_seconds=section.get("keepalive_seconds", _integer(5, 3600), default.keepalive_seconds),
         max_queued_messages=(section.get("max_queued_messages", _integer(1, 10_000_000), default.max_queued_messages)
                              if queued else default.max_queued_messages),
+        protocol=section.get("protocol", _protocol, default.protocol),
     )
     section.finish()
     if settings.password is not None and settings.username is None:

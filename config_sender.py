@@ -97,6 +97,13 @@ SHUTDOWN_GRACE_SECONDS = 2.0
 IN_FLIGHT_EXPIRY_SECONDS = 120.0
 # How often ``systemctl status`` gets a fresh one-line summary.
 STATUS_INTERVAL_SECONDS = 30.0
+# What each connection loses, or does instead, with a broker that cannot do all of MQTT 5 (logged once).
+CENTRAL_MQTT311_LOSES = "cannot report refused publishes of the stats (an MQTT 3.1.1 PUBACK carries no reason)"
+INTERNAL_MQTT311_LOSES = ("cannot report refused commands (an MQTT 3.1.1 PUBACK carries no reason): a command its "
+                          "ACL refuses counts as sent, and raises an alert when the meter does not reply")
+CENTRAL_WITHOUT_RETAIN = ("the stats are published without retain, and a restarted config sender rediscovers meters "
+                          "only from their live readings")
+CENTRAL_QOS0_ONLY = "the stats are published at QoS 0, and readings the broker does not resend may be missed"
 
 
 # --- what the callbacks hand to the worker -------------------------------------------
@@ -325,8 +332,11 @@ class ConfigSender:
 
     def _wire_callbacks(self) -> None:
         self._reporters = {
-            "central": ConnectionReporter(self._central, "central", self._config.central_broker, logger),
-            "internal": ConnectionReporter(self._internal, "internal", self._config.internal_broker, logger),
+            "central": ConnectionReporter(self._central, "central", self._config.central_broker, logger,
+                                          mqtt311_loses=CENTRAL_MQTT311_LOSES, without_retain=CENTRAL_WITHOUT_RETAIN,
+                                          qos0_only=CENTRAL_QOS0_ONLY),
+            "internal": ConnectionReporter(self._internal, "internal", self._config.internal_broker, logger,
+                                           mqtt311_loses=INTERNAL_MQTT311_LOSES),
         }
         self._central.on_connect = self._on_central_connect
         self._central.on_disconnect = self._on_disconnect
@@ -340,8 +350,8 @@ class ConfigSender:
         self._internal.on_publish = self._on_internal_publish
 
     def _on_central_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
-                            _properties: Any) -> None:
-        if not self._reporters["central"].connected(reason_code):
+                            properties: Any) -> None:
+        if not self._reporters["central"].connected(reason_code, properties):
             return
         logger.info("connected to central broker %s:%d", self._config.central_broker.host,
                     self._config.central_broker.port)
@@ -350,18 +360,18 @@ class ConfigSender:
         client.subscribe([(topic, 1) for topic in meter_subscriptions(main)])
 
     def _on_internal_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
-                             _properties: Any) -> None:
-        if not self._reporters["internal"].connected(reason_code):
+                             properties: Any) -> None:
+        if not self._reporters["internal"].connected(reason_code, properties):
             return
         logger.info("connected to internal broker %s:%d", self._config.internal_broker.host,
                     self._config.internal_broker.port)
         topics = self._config.internal_broker_topics
         client.subscribe([(topic, 1) for topic in dict.fromkeys((topics.meter_config_ack, topics.meter_time_ack))])
 
-    def _on_disconnect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+    def _on_disconnect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason_code: Any,
                        _properties: Any) -> None:
         broker = "central" if client is self._central else "internal"
-        self._reporters[broker].disconnected(reason_code, deliberate=not self._started)
+        self._reporters[broker].disconnected(reason_code, deliberate=not self._started, flags=flags)
         # The ready flags belong to the worker: it sees connect and disconnect in order.
         self._queue.put(_Disconnected(broker))
 
@@ -659,13 +669,16 @@ class ConfigSender:
         """Log the counters and publish them retained on the central broker, when connected.
 
         Only while connected: stats from an outage are stale by the time it ends,
-        and paho would otherwise queue them without bound.
+        and paho would otherwise queue them without bound. Within what the
+        broker announced it takes: it would close the connection otherwise.
         """
         document = json.dumps(self._stats(now))
         logger.info("stats: %s", document)
         if not self._central_ready:
             return None
-        return self._central.publish(self._stats_topic, document, qos=1, retain=True)
+        limits = self._reporters["central"].limits
+        return self._central.publish(self._stats_topic, document, qos=min(1, limits.maximum_qos),
+                                     retain=limits.retain_available)
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

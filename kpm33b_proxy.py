@@ -16,6 +16,9 @@ Thin wiring around the pure ``data_mapping`` module:
   again from its persistent session; a clean message the central broker
   refuses (PUBACK reason ≥ 0x80, e.g. its ACL) is not delivered: it is
   counted as ``refused_by_central`` and logged, never counted as forwarded;
+- a message larger than the central broker's announced Maximum Packet Size
+  is never handed to paho (the broker would drop the connection for it): it
+  is counted as ``too_large``, logged, and the queue moves on;
 - the main thread runs the timers: meters going offline, the energy journal,
   stats, and the systemd watchdog's heartbeat.
 
@@ -67,6 +70,7 @@ from mqtt_common import (
     install_signal_handlers,
     make_client,
     network_thread_alive,
+    publish_packet_size,
     reason_text,
     refusal,
     setup_logging,
@@ -103,6 +107,13 @@ TRIM_INTERVAL_SECONDS = 60.0
 TRIM_AFTER_NEW_METERS = 1_000
 LAST_SEEN_SAVE_SECONDS = 60.0  # a restarted proxy reports a silent meter offline at most this late
 GUARD_WARNING_INTERVAL = 3600.0  # a meter's dropped energy glitches are logged at most this often
+# What each connection loses when the broker speaks only MQTT 3.1.1 (logged once).
+CENTRAL_MQTT311_LOSES = ("cannot report refused publishes (an MQTT 3.1.1 PUBACK carries no reason): a reading its "
+                         "ACL refuses counts as forwarded; nor does it announce its limits: a message larger than "
+                         "its maximum packet size makes it close the connection")
+INTERNAL_MQTT311_LOSES = ("cannot take a receive window (MQTT 5's Receive Maximum): the broker's own in-flight "
+                          "limit paces the readings (Mosquitto: max_inflight_messages); the session is kept as "
+                          "before (clean_session false)")
 
 
 def _heap_trimmer() -> Callable[[int], int] | None:
@@ -230,6 +241,7 @@ class Proxy:
         self.rejections = RateLimitedLog(log)
         # Its own budget: a refusing central broker must not silence the rejections, nor the reverse.
         self.refusals = RateLimitedLog(log, what="refused publishes")
+        self.oversized = RateLimitedLog(log, what="messages too large for the central broker")
         self.memory = MeterMemory()
         self.processor = MeterDataProcessor(
             excluded=config.meters.exclude, memory=self.memory, per_phase=per_phase_by_meter(config.meters),
@@ -264,8 +276,10 @@ class Proxy:
             will_topic=self.bridge_topic,
             will_payload="offline",
         )
-        self.internal_reporter = ConnectionReporter(self.internal, "internal", config.internal_broker, log)
-        self.central_reporter = ConnectionReporter(self.central, "central", config.central_broker, log)
+        self.internal_reporter = ConnectionReporter(self.internal, "internal", config.internal_broker, log,
+                                                    mqtt311_loses=INTERNAL_MQTT311_LOSES)
+        self.central_reporter = ConnectionReporter(self.central, "central", config.central_broker, log,
+                                                   mqtt311_loses=CENTRAL_MQTT311_LOSES)
         self.stats_topic = bridge_stats_topic(self.main_topic)
         self.availability_subscription = meter_subscription(self.main_topic, AVAILABILITY)
         self._next_stats = self.started_at + config.health.stats_interval_seconds
@@ -455,7 +469,7 @@ class Proxy:
         """The counters as published on ``<main>/bridge/stats``."""
         # dict() of a Counter is one atomic copy under the GIL: the paho thread may be counting.
         drops = dict(self.processor.drops)
-        for reason in ("queue_full", "refused_by_central"):
+        for reason in ("queue_full", "refused_by_central", "too_large"):
             count = self.counters.get(f"dropped.{reason}")
             if count:
                 drops[reason] = count
@@ -511,6 +525,7 @@ class Proxy:
         self.notifier.close()
         self.rejections.flush()
         self.refusals.flush()
+        self.oversized.flush()
         lost = len(self.queue) + self.queue.outstanding
         log.info("stopped%s%s",
                  f"; {left_for_next_start} readings left with the internal broker for the next start"
@@ -528,8 +543,8 @@ class Proxy:
     # --- internal broker (meters) ------------------------------------------------
 
     def _on_internal_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
-                             _properties: Any) -> None:
-        if not self.internal_reporter.connected(reason_code):
+                             properties: Any) -> None:
+        if not self.internal_reporter.connected(reason_code, properties):
             return
         log.info("connected to the internal broker %s:%d", self.config.internal_broker.host,
                  self.config.internal_broker.port)
@@ -547,10 +562,10 @@ class Proxy:
         self._internal_subscribed = True
         self._update_bridge_state()
 
-    def _on_internal_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+    def _on_internal_disconnect(self, _client: mqtt.Client, _userdata: Any, flags: Any, reason_code: Any,
                                 _properties: Any) -> None:
         self._internal_subscribed = False
-        self.internal_reporter.disconnected(reason_code, deliberate=self._closing)
+        self.internal_reporter.disconnected(reason_code, deliberate=self._closing, flags=flags)
         self._update_bridge_state()
 
     def _on_internal_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -678,7 +693,18 @@ class Proxy:
                 queue.in_hand -= len(batch)
 
     def _hand_over(self, item: Outgoing) -> None:
-        """Publish one message to the central broker and remember what it carries."""
+        """Publish one message to the central broker and remember what it carries.
+
+        A message larger than the broker announced it takes is not handed to
+        paho: the broker would close the connection for it, and the proxy
+        would send it again at once on the next.
+        """
+        limit = self.central_reporter.limits.maximum_packet_size
+        if limit is not None:
+            size = publish_packet_size(item.topic, len(item.payload), 1, mqtt5=True)
+            if size > limit:
+                self._too_large(item, size, limit)
+                return
         info = self.central.publish(item.topic, item.payload, qos=1, retain=item.retain)
         with self._handed_lock:
             acked_early = info.mid in self._acked_early
@@ -688,6 +714,18 @@ class Proxy:
                 self._handed[info.mid] = item
         if acked_early:
             self._acknowledged(item, reason_code)
+
+    def _too_large(self, item: Outgoing, size: int, limit: int) -> None:
+        """Not sent: counted, logged (rate-limited), its raw reading released; the window moves on."""
+        self.counters.add("dropped.too_large")
+        self.oversized.warning("too_large", "not sent: %s is %d bytes, more than the %d bytes the central broker "
+                               "accepts (its maximum packet size)%s", item.topic, size, limit,
+                               "; reading dropped" if item.reading else "")
+        if item.source_mid:
+            self.internal.ack(item.source_mid, 1)
+        with self.queue.condition:
+            self.queue.outstanding -= 1
+            self.queue.condition.notify()
 
     def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_code: Any,
                             _properties: Any) -> None:
@@ -738,8 +776,8 @@ class Proxy:
             self.internal.ack(item.source_mid, 1)
 
     def _on_central_connect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
-                            _properties: Any) -> None:
-        if not self.central_reporter.connected(reason_code):
+                            properties: Any) -> None:
+        if not self.central_reporter.connected(reason_code, properties):
             return
         log.info("connected to the central broker %s:%d", self.config.central_broker.host,
                  self.config.central_broker.port)
@@ -767,10 +805,10 @@ class Proxy:
         if message.retain and state is not None and topic.meter_id not in self.config.meters.exclude:
             self.availability.restore(topic.meter_id, self.started_at, online=state == "online")
 
-    def _on_central_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
+    def _on_central_disconnect(self, _client: mqtt.Client, _userdata: Any, flags: Any, reason_code: Any,
                                _properties: Any) -> None:
         self._central_connected = False
-        self.central_reporter.disconnected(reason_code, deliberate=self._closing)
+        self.central_reporter.disconnected(reason_code, deliberate=self._closing, flags=flags)
         if len(self.queue) and not self._closing:
             log.warning("%d messages queued until the central broker is back", len(self.queue))
 

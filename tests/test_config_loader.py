@@ -85,8 +85,10 @@ def test_file_with_only_the_central_broker_host_gives_the_defaults(tmp_path: Pat
 
     assert config == Config()
     assert config == Config(
-        internal_broker=BrokerSettings(host="127.0.0.1", port=11883, username=None, password=None, tls=None),
-        central_broker=BrokerSettings(host="127.0.0.1", port=1883, username=None, password=None, tls=None),
+        internal_broker=BrokerSettings(host="127.0.0.1", port=11883, username=None, password=None, tls=None,
+                                       protocol="5"),
+        central_broker=BrokerSettings(host="127.0.0.1", port=1883, username=None, password=None, tls=None,
+                                      protocol="auto"),
         internal_broker_topics=InternalTopics(
             meter_seconds_data="MQTT_RT_DATA", meter_minutes_data="MQTT_ENY_NOW", meter_config="MQTT_COMMOD_SET_",
             meter_config_ack="MQTT_COMMOD_SET_REP", meter_time="MQTT_SETTIME_", meter_time_ack="MQTT_METER_TIME_REP",
@@ -152,7 +154,8 @@ def test_full_configuration_is_read_into_frozen_settings(tmp_path: Path) -> None
         logging: {{level: debug}}
     """)
 
-    assert config.internal_broker == BrokerSettings(host="10.0.0.5", port=11884, username="proxy", password="inner")
+    assert config.internal_broker == BrokerSettings(host="10.0.0.5", port=11884, username="proxy", password="inner",
+                                                    protocol="5")
     assert config.central_broker == BrokerSettings(host="broker.example.org", port=8883, username="ha",
                                                    password="outer", tls=TlsSettings(ca_file=str(ca_file)))
     assert config.internal_broker_topics == InternalTopics(meter_seconds_data="RT", meter_minutes_data="ENY")
@@ -438,6 +441,47 @@ def test_tls_that_is_neither_a_boolean_nor_a_mapping_is_a_problem() -> None:
     assert line.startswith("central_broker.tls: 'yes please' is not allowed; expected ")
 
 
+# --- MQTT protocol version -----------------------------------------------------------
+
+
+PROTOCOL_ALLOWED = "one of auto, 5, 3.1.1"
+
+
+def test_protocol_defaults_to_auto_centrally_and_5_internally() -> None:
+    config = parse("central_broker: {}")
+
+    assert config.central_broker.protocol == "auto"
+    assert config.internal_broker.protocol == "5"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("5", "5"), ('"5"', "5"), ("3.1.1", "3.1.1"),
+                                                 ('"3.1.1"', "3.1.1")])
+@pytest.mark.parametrize("broker", ["internal_broker", "central_broker"])
+def test_each_allowed_protocol_is_accepted(broker: str, value: str, expected: str) -> None:
+    assert getattr(parse(f"{broker}: {{protocol: {value}}}"), broker).protocol == expected
+
+
+@pytest.mark.parametrize(("value", "shown"), [("3", "3"), ("5.0", "5.0"), ("3.1", "3.1"), ("mqtt5", "'mqtt5'"),
+                                              ("AUTO", "'AUTO'"), ("null", "None"), ("true", "True"),
+                                              ('"3.1.1 "', "'3.1.1 '")])
+@pytest.mark.parametrize("broker", ["internal_broker", "central_broker"])
+def test_any_other_protocol_is_a_problem_naming_the_allowed_ones(broker: str, value: str, shown: str) -> None:
+    assert problems(f"{broker}: {{protocol: {value}}}") == [
+        f"{broker}.protocol: {shown} is not allowed; expected {PROTOCOL_ALLOWED}"
+    ]
+
+
+def test_check_config_rejects_an_unknown_protocol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "central_broker: {host: 127.0.0.1, protocol: 4}\n")
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_or_exit(CommandLine(config_path=path, check_only=True), {})
+
+    assert exit_info.value.code == EXIT_CONFIG_ERROR
+    assert capsys.readouterr().err.splitlines() == [
+        f"Invalid configuration {path}:", f"  central_broker.protocol: 4 is not allowed; expected {PROTOCOL_ALLOWED}"]
+
+
 def test_password_without_username_is_a_problem() -> None:
     assert problems("central_broker: {password: secret}") == [
         "central_broker.password: a password needs a username too"
@@ -578,7 +622,7 @@ def test_environment_credentials_apply_without_any_in_the_file() -> None:
     config = parse("", {"KPM33B_CENTRAL_USERNAME": "ha", "KPM33B_CENTRAL_PASSWORD": "pw"})
 
     assert config.central_broker == BrokerSettings(host="127.0.0.1", port=1883, username="ha", password="pw")
-    assert config.internal_broker == BrokerSettings(host="127.0.0.1", port=11883)
+    assert config.internal_broker == BrokerSettings(host="127.0.0.1", port=11883, protocol="5")
 
 
 def test_environment_password_for_the_file_username() -> None:

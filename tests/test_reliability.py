@@ -34,6 +34,7 @@ from test_internal_broker_config import METER_A, PASSWORD, USER_A, InternalBroke
 from test_internal_broker_config import PROXY as PROXY_ACCOUNT
 
 from data_mapping import MAX_PAYLOAD_BYTES, REJECTIONS, Rejected, parse_packet
+from mqtt_common import SHORT_LIVED_LIMIT
 from tools.meter_simulator import encode_payload, eny_now_payload, meter_ids, rt_data_payload
 
 PROXY_SCRIPT = "kpm33b_proxy.py"
@@ -476,8 +477,9 @@ def test_a_second_proxy_with_the_same_client_id_is_reported_and_not_fought_over(
     error_lines = [line for line in (first.output() + second.output()).splitlines() if taken_over in line]
     assert error_lines and all(" ERROR " in line and "retrying slowly" in line for line in error_lines)
     assert internal - at_error <= 1
-    assert internal <= 5
-    assert central <= 5
+    # Each instance is evicted SHORT_LIVED_LIMIT times before it concludes: a bounded exchange, not a fight.
+    assert internal <= 2 * SHORT_LIVED_LIMIT
+    assert central <= 2 * SHORT_LIVED_LIMIT
     assert first.terminate() == 0
     assert second.terminate() == 0
 
