@@ -75,15 +75,12 @@ from mqtt_common import (
     refusal,
     setup_logging,
 )
+from outgoing import EXPIRED, PublishWindow
 from sd_notify import SystemdNotifier
 from topics import AVAILABILITY, meter_subscriptions, parse_meter_topic, parse_state, sender_stats_topic
 
 logger = logging.getLogger("config_sender")
 
-# Commands handed to paho and not yet acknowledged by the broker (PUBACK). The
-# rest wait in the tracker's own queue: paho's internal queue is unbounded and
-# its 16-bit message ids wrap (see design.md).
-PUBLISH_WINDOW = 100
 # The worker wakes at least this often, so the systemd watchdog can tell it lives.
 HEARTBEAT_SECONDS = 1.0
 # A worker that has not looped for this long is stuck: the watchdog lets systemd restart us.
@@ -93,8 +90,6 @@ HEALTHY_HEARTBEAT_AGE = 15.0
 DEADLINE_MARGIN = 0.005
 # On shutdown, how long to wait for the broker to acknowledge commands already handed over.
 SHUTDOWN_GRACE_SECONDS = 2.0
-# A PUBACK that never came (a broker lost with its session) must not shrink the window for ever.
-IN_FLIGHT_EXPIRY_SECONDS = 120.0
 # How often ``systemctl status`` gets a fresh one-line summary.
 STATUS_INTERVAL_SECONDS = 30.0
 # What each connection loses, or does instead, with a broker that cannot do all of MQTT 5 (logged once).
@@ -141,7 +136,7 @@ class _MeterReply:
 @dataclass(frozen=True)
 class _Published:
     mid: int
-    refused: str | None = None  # the broker's reason when it refused the command
+    reason_code: Any  # the broker's PUBACK reason (a refusal is 0x80 or more)
 
 
 @dataclass(frozen=True)
@@ -163,10 +158,9 @@ _WorkItem = (_CentralSubscribed | _CentralMessage | _InternalSubscribed | _Disco
              | _Published | _ConfigFileChanged | _ReloadRequested | _Stop)
 
 
-class _InFlight(NamedTuple):
-    """A command handed to paho, until the broker's PUBACK."""
+class _Handed(NamedTuple):
+    """A command handed to paho, until the broker's PUBACK (see outgoing.PublishWindow)."""
 
-    handed_at: float  # monotonic
     command: Command
     topic: str
 
@@ -210,7 +204,10 @@ class ConfigSender:
         self._wire_callbacks()
         self._rejections = RateLimitedLog(logger)
         self._refusals = RateLimitedLog(logger, what="refused publishes")
-        self._in_flight: dict[int, _InFlight] = {}   # paho mid -> the command handed over
+        # Commands handed to paho and not yet acknowledged by the broker; the rest wait in the
+        # tracker's own queue (paho's is unbounded and its 16-bit message ids wrap: design.md).
+        self._window: PublishWindow[_Handed] = PublishWindow(self._command_settled)
+        self._internal_lost = False  # reconnected since: the window's waits start anew
         self._central_ready = False
         self._internal_ready = False
         self._ready = threading.Event()
@@ -391,7 +388,7 @@ class ConfigSender:
 
     def _on_internal_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_code: Any,
                              _properties: Any) -> None:
-        self._queue.put(_Published(mid, refusal(reason_code)))
+        self._queue.put(_Published(mid, reason_code))
 
     def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, _mid: int, reason_code: Any,
                             _properties: Any) -> None:
@@ -445,7 +442,7 @@ class ConfigSender:
 
     def _may_exit(self) -> bool:
         assert self._stop_requested_at is not None
-        return not self._in_flight or time.monotonic() - self._stop_requested_at > SHUTDOWN_GRACE_SECONDS
+        return not len(self._window) or time.monotonic() - self._stop_requested_at > SHUTDOWN_GRACE_SECONDS
 
     def _handle(self, item: _WorkItem) -> None:
         match item:
@@ -454,10 +451,8 @@ class ConfigSender:
             case _MeterReply():
                 for event in self._tracker.observe_reply(item.payload, item.received_at):
                     self._log_event(event, item.topic)
-            case _Published(mid=mid, refused=refused):
-                handed = self._in_flight.pop(mid, None)
-                if refused is not None:
-                    self._command_refused(handed, refused)
+            case _Published(mid=mid, reason_code=reason_code):
+                self._window.answered(mid, reason_code)
             case _InternalSubscribed(ok=ok):
                 if not ok:
                     logger.error("internal broker refused the subscription to the meters' reply topics")
@@ -475,6 +470,7 @@ class ConfigSender:
                 self._central_ready = False
             case _Disconnected():
                 self._internal_ready = False
+                self._internal_lost = True
                 resend = self._tracker.connection_lost()
                 if resend:
                     logger.warning("%d commands awaiting replies will be sent again when the internal broker "
@@ -491,11 +487,16 @@ class ConfigSender:
                 self._stopping = True
                 self._stop_requested_at = time.monotonic()
 
-    def _command_refused(self, handed: _InFlight | None, reason: str) -> None:
-        """The internal broker refused a command (its ACL): the meter never got it, so no ALERT follows."""
-        if handed is None:  # its PUBACK came after IN_FLIGHT_EXPIRY_SECONDS
-            self._refusals.error(reason, "the internal broker refused a command: %s", reason)
+    def _command_settled(self, handed: _Handed, refused: str | None) -> None:
+        """The internal broker answered a command: taken (the meter's reply is awaited), or refused.
+
+        Refused (its ACL): the meter never got it, so no ALERT follows. An
+        answer that never came (``EXPIRED``) changes nothing: the reply's
+        timeout alerts as for any lost command.
+        """
+        if refused is None or refused == EXPIRED:
             return
+        reason = refused
         self._tracker.refused_by_broker(handed.command)
         self._refusals.error(reason, "the internal broker refused %s on %s: %s; not sent",
                              handed.command.describe(), handed.topic, reason)
@@ -542,23 +543,25 @@ class ConfigSender:
         """Hand queued commands to paho while connected and within the window."""
         if not self._internal_ready or self._stopping:
             return
-        if self._in_flight:
-            expired = time.monotonic() - IN_FLIGHT_EXPIRY_SECONDS
-            for mid in [mid for mid, handed in self._in_flight.items() if handed.handed_at < expired]:
-                del self._in_flight[mid]
+        window = self._window
+        if self._internal_lost:
+            self._internal_lost = False
+            window.reconnected()
+        window.expire()
         topics = self._config.internal_broker_topics
-        while len(self._in_flight) < PUBLISH_WINDOW:
+        while window.reserve(1):
             command = self._tracker.pop_outgoing(datetime.now())
             if command is None:
+                window.release()
                 return
             topic = command.topic(topics)
             try:
-                info = self._internal.publish(topic, command.payload(), qos=1)
+                window.hand_over(_Handed(command, topic),
+                                 lambda topic=topic, command=command: self._internal.publish(topic, command.payload(),
+                                                                                           qos=1))
             except (ValueError, RuntimeError) as error:
                 # Still marked sent: it times out and is alerted like any lost command.
                 logger.error("could not publish %s: %s", command.describe(), error)
-            else:
-                self._in_flight[info.mid] = _InFlight(time.monotonic(), command, topic)
             self._tracker.mark_sent(command, time.monotonic())
             logger.debug("sent %s to %s", command.describe(), topic)
 

@@ -7,10 +7,10 @@ Thin wiring around the pure ``data_mapping`` module:
 - ``on_message`` maps each packet (microseconds of pure work, no waiting) and
   publishes the clean message at once when nothing is queued ahead of it, or
   appends it to a bounded outgoing queue;
-- one publisher thread hands the queue to the central client, never more
-  than ``PUBLISH_WINDOW`` unacknowledged messages at a time (paho loses
-  messages silently beyond 65,535 outstanding ones), so a central outage is
-  absorbed by our own bounded queue and drained in order when it returns;
+- the forwarding engine (``outgoing.Forwarder``) hands the queue to the
+  central client within its window (paho loses messages silently beyond
+  65,535 outstanding ones), so a central outage is absorbed by our own
+  bounded queue and drained in order when it returns;
 - a raw reading is acknowledged to the internal broker only once the central
   broker has its clean message, so readings a killed proxy had in hand come
   again from its persistent session; a clean message the central broker
@@ -38,7 +38,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -72,14 +71,16 @@ from mqtt_common import (
     network_thread_alive,
     publish_packet_size,
     reason_text,
-    refusal,
     setup_logging,
 )
+from outgoing import EXPIRED, Forwarder
 from sd_notify import SystemdNotifier
 from state_store import EnergyJournal, LastSeenFile, StateLocked, StateUnusable
 from topics import (
     AVAILABILITY,
     MINUTES,
+    OFFLINE,
+    ONLINE,
     SECONDS,
     availability_topic,
     bridge_state_topic,
@@ -98,7 +99,6 @@ INTERNAL_CLIENT_ID = "kpm33b-proxy"
 # upgrade of the proxy by a wide margin; the broker bounds what it queues.
 SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 RECEIVE_MAXIMUM = 65_535  # MQTT 5 maximum: the broker may send this many QoS 1 messages unacknowledged
-PUBLISH_WINDOW = 1_000  # unacknowledged publishes handed to paho at once
 SHUTDOWN_DRAIN_SECONDS = 5.0
 TICK_SECONDS = 0.5
 EXIT_STATE_LOCKED = 3
@@ -179,45 +179,6 @@ class Outgoing(NamedTuple):
     energy: tuple[str, float, str] | None = None  # (meter id, kWh, meter time) for the energy journal, once delivered
 
 
-class OutgoingQueue:
-    """The bounded FIFO of clean messages between the mapping and the central client.
-
-    Thread-safe. When full, the oldest message is dropped and counted: the
-    newest readings are the most useful ones after a long outage.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.condition = threading.Condition()
-        self._messages: deque[Outgoing] = deque()
-        self.outstanding = 0  # handed to paho, not yet acknowledged
-        self.in_hand = 0  # taken from the queue, being published right now
-
-    def put(self, item: Outgoing) -> Outgoing | None:
-        """Queue one message; the oldest one when it had to be dropped for it."""
-        with self.condition:
-            dropped = self._messages.popleft() if len(self._messages) >= self.capacity else None
-            self._messages.append(item)
-            self.condition.notify()
-            return dropped
-
-    def take(self, limit: int) -> list[Outgoing]:
-        """Remove up to ``limit`` messages (caller holds ``condition``)."""
-        count = min(limit, len(self._messages))
-        return [self._messages.popleft() for _ in range(count)]
-
-    def discard_readings(self) -> int:
-        """Drop the queued readings (they will be redelivered to us); how many."""
-        with self.condition:
-            kept = deque(item for item in self._messages if not item.source_mid)
-            dropped = len(self._messages) - len(kept)
-            self._messages = kept
-            return dropped
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-
 class Proxy:
     """The data flow: one instance per process. ``start()``, then ``stop()``."""
 
@@ -250,9 +211,7 @@ class Proxy:
         self.availability = MeterAvailability(*silence_limits(config.meters))
         self.journal = EnergyJournal(state_dir)
         self.last_seen = LastSeenFile(state_dir)
-        self.queue = OutgoingQueue(config.central_broker.max_queued_messages)
         self.discovery = DiscoveryAnnouncer.from_config(config, self.queue_publish)  # Home Assistant
-        self.stopping = threading.Event()  # the publisher thread ends
         self._closing = False  # disconnections from now on are deliberate
         self.started_at = time.monotonic()
         self.heartbeat = time.monotonic()
@@ -266,16 +225,15 @@ class Proxy:
         # broker has it (or it was dropped on purpose): killed at any moment, the
         # proxy gets every reading it had not delivered again at its next start.
         self.internal.manual_ack_set(True)
-        self._handed: dict[int, Outgoing] = {}  # central message id → what it carries
-        # PUBACKs that came before publish() returned: message id → the broker's reason code.
-        self._acked_early: dict[int, Any] = {}
-        self._handed_lock = threading.Lock()
         self.central = make_client(
             config.central_broker,
             f"kpm33b-proxy-{socket.gethostname()}",
             will_topic=self.bridge_topic,
-            will_payload="offline",
+            will_payload=OFFLINE,
         )
+        self.outgoing: Forwarder[Outgoing] = Forwarder(
+            self.central, self._settled, capacity=config.central_broker.max_queued_messages,
+            dropped=self._queue_full, skip=self._too_large, name="central-publisher")
         self.internal_reporter = ConnectionReporter(self.internal, "internal", config.internal_broker, log,
                                                     mqtt311_loses=INTERNAL_MQTT311_LOSES)
         self.central_reporter = ConnectionReporter(self.central, "central", config.central_broker, log,
@@ -294,7 +252,6 @@ class Proxy:
         self.central.on_disconnect = self._on_central_disconnect
         self.central.on_publish = self._on_central_publish
         self.central.on_message = self._on_central_message
-        self._publisher = threading.Thread(target=self._publish_loop, name="central-publisher", daemon=True)
 
     # --- life cycle -------------------------------------------------------------
 
@@ -310,7 +267,7 @@ class Proxy:
                  self.journal.path, f" ({damaged} damaged lines skipped)" if damaged else "")
         self.discovery.announce_known(self.memory.energy_snapshot())
         self._restore_availability()
-        self._publisher.start()
+        self.outgoing.start()
         if self._watcher is not None:
             self._watcher.start()
         self.notifier.start_watchdog(self.is_healthy)
@@ -388,13 +345,14 @@ class Proxy:
                         now - (last_seen if last_seen is not None else self.started_at),
                         silence_limit(self.config.meters.seconds_interval(meter_id),
                                       self.config.meters.minutes_interval(meter_id)))
-            self._publish_availability(meter_id, "offline")
+            self._publish_availability(meter_id, OFFLINE)
         with self._state_lock:
             self.journal.flush()
             if self.journal.needs_compaction():
                 self.journal.compact()  # what the central broker acknowledged, not the filters' memory
         if self._central_connected:  # spread (re-)announcements; none piled up while away
             self.discovery.tick(now)
+        self.outgoing.expire()  # PUBACKs that are not coming free their place in the window
         if now >= self._next_last_seen_save:
             self._save_last_seen(now)
         if now >= self._next_stats:
@@ -406,7 +364,7 @@ class Proxy:
         """Give freed memory back once a burst of new meters has been delivered, and every minute."""
         meters = len(self.availability)
         burst_over = (meters - self._meters_at_trim >= TRIM_AFTER_NEW_METERS
-                      and not len(self.queue) and not self.queue.outstanding)
+                      and not self.outgoing.pending())
         if MALLOC_TRIM is None or not (burst_over or now >= self._next_trim):
             return
         self._next_trim = now + TRIM_INTERVAL_SECONDS
@@ -473,7 +431,7 @@ class Proxy:
             count = self.counters.get(f"dropped.{reason}")
             if count:
                 drops[reason] = count
-        return stats_payload(self.counters.snapshot(), drops, len(self.queue), len(self.availability),
+        return stats_payload(self.counters.snapshot(), drops, self.outgoing.depth(), len(self.availability),
                              now - self.started_at)
 
     def publish_stats(self, now: float) -> None:
@@ -484,12 +442,17 @@ class Proxy:
         self.notifier.status(f"{stats['forwarded']} readings forwarded, {stats['meters']} meters, "
                              f"{stats['queue_depth']} queued")
 
+    @property
+    def forwarding(self) -> bool:
+        """Whether ``<main>/bridge/state`` is ``online``: subscribed on the internal broker, connected centrally."""
+        return bool(self._bridge_online)
+
     def is_healthy(self) -> bool:
         """For the systemd watchdog: both network loops and the timers are alive."""
         return (
             network_thread_alive(self.internal)
             and network_thread_alive(self.central)
-            and self._publisher.is_alive()
+            and self.outgoing.alive()
             and time.monotonic() - self.heartbeat < 10 * TICK_SECONDS + 5
         )
 
@@ -505,18 +468,15 @@ class Proxy:
         self.notifier.stopping()
         if self._watcher is not None:
             self._watcher.stop()
-        self._drain(SHUTDOWN_DRAIN_SECONDS)
+        self.outgoing.drain(SHUTDOWN_DRAIN_SECONDS)
         self.internal.disconnect()
         self.internal.loop_stop()
         self._internal_subscribed = False
-        left_for_next_start = self.queue.discard_readings()
+        left_for_next_start = self.outgoing.discard(lambda item: bool(item.source_mid))
         self._update_bridge_state()  # offline
         self.publish_stats(time.monotonic())
-        self._drain(SHUTDOWN_DRAIN_SECONDS / 2)
-        self.stopping.set()
-        with self.queue.condition:
-            self.queue.condition.notify_all()
-        self._publisher.join(timeout=2)
+        self.outgoing.drain(SHUTDOWN_DRAIN_SECONDS / 2)
+        self.outgoing.stop()
         self.central.disconnect()
         self.central.loop_stop()
         self._save_last_seen(time.monotonic())
@@ -526,19 +486,11 @@ class Proxy:
         self.rejections.flush()
         self.refusals.flush()
         self.oversized.flush()
-        lost = len(self.queue) + self.queue.outstanding
+        lost = self.outgoing.pending()
         log.info("stopped%s%s",
                  f"; {left_for_next_start} readings left with the internal broker for the next start"
                  if left_for_next_start else "",
                  f"; {lost} messages could not be delivered" if lost else "")
-
-    def _drain(self, seconds: float) -> None:
-        """Wait (bounded) until everything queued is delivered, while the central broker is there."""
-        deadline = time.monotonic() + seconds
-        while (len(self.queue) or self.queue.outstanding) and self._central_connected \
-                and time.monotonic() < deadline:
-            with self.queue.condition:
-                self.queue.condition.wait(0.05)
 
     # --- internal broker (meters) ------------------------------------------------
 
@@ -568,34 +520,41 @@ class Proxy:
         self.internal_reporter.disconnected(reason_code, deliberate=self._closing, flags=flags)
         self._update_bridge_state()
 
-    def _on_internal_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        """Map one raw packet: pure work only, then hand the result to the queue."""
-        kind = self.kinds.get(message.topic)
+    def _on_internal_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.handle_raw(message.topic, message.payload, message.mid if message.qos else 0, bool(message.dup))
+
+    def handle_raw(self, topic: str, payload: bytes, mid: int = 0, redelivered: bool = False) -> None:
+        """One raw message from the internal broker: map it, then queue what it gives; never blocks.
+
+        The per-message path, with or without brokers (the tests and
+        ``bench/profile_proxy.py`` call it directly). ``mid`` is the message's
+        id on the internal broker, acknowledged once it is handled (0: QoS 0,
+        nothing to acknowledge); ``redelivered`` is MQTT's DUP flag.
+        """
+        kind = self.kinds.get(topic)
         if kind is None:
-            client.ack(message.mid, message.qos)
+            self._release(mid)
             return
         now = time.monotonic()
         self.counters.add("received")
-        outcome = self.processor.process(kind, message.payload, now, redelivered=bool(message.dup),
-                                         token=message.mid if message.qos else 0)
+        outcome = self.processor.process(kind, payload, now, redelivered=redelivered, token=mid)
         if outcome.meter_id is not None and outcome.reason != DROP_EXCLUDED \
                 and self.availability.seen(outcome.meter_id, now):
             log.info("meter %s is online", outcome.meter_id)
-            self._publish_availability(outcome.meter_id, "online")
+            self._publish_availability(outcome.meter_id, ONLINE)
         for event in outcome.events:
             self._log_guard_event(event, now)
         for settled in outcome.settled:  # readings the energy guard held back, now decided: oldest first
             if settled.message is not None:
                 self._enqueue_reading(settled.message, settled.token)  # type: ignore[arg-type]
-            elif settled.token:
-                client.ack(settled.token, 1)  # type: ignore[arg-type]
+            else:
+                self._release(settled.token)  # type: ignore[arg-type]
         if outcome.held:
             return  # acknowledged once the meter's next readings decide it
         if outcome.message is None:
-            client.ack(message.mid, message.qos)  # nothing to deliver: done with it
+            self._release(mid)  # nothing to deliver: done with it
             if outcome.reason in REJECTIONS:
-                self.rejections.warning(outcome.reason, "rejected a message on %s: %s", message.topic,
-                                        outcome.detail)
+                self.rejections.warning(outcome.reason, "rejected a message on %s: %s", topic, outcome.detail)
             elif outcome.reason == DROP_ENERGY_DECREASE:
                 self._warn_guard(outcome.meter_id, now, "dropped an energy reading of meter %s older than, "
                                  "and lower than, the last one forwarded (%s kWh)", outcome.meter_id,
@@ -603,7 +562,12 @@ class Proxy:
             elif outcome.reason is not None:
                 log.debug("dropped a %s reading of meter %s: %s", kind, outcome.meter_id, outcome.reason)
             return
-        self._enqueue_reading(outcome.message, message.mid if message.qos else 0)
+        self._enqueue_reading(outcome.message, mid)
+
+    def _release(self, mid: int) -> None:
+        """Acknowledge a raw message to the internal broker: it is handled (0: nothing to acknowledge)."""
+        if mid:
+            self.internal.ack(mid, 1)
 
     def _enqueue_reading(self, clean: CleanMessage, source_mid: int) -> None:
         """Queue a clean reading; its raw one (``source_mid``) is acknowledged once it is delivered."""
@@ -642,108 +606,51 @@ class Proxy:
         self._enqueue(Outgoing(topic, payload.encode() if isinstance(payload, str) else payload, retain))
 
     def _enqueue(self, item: Outgoing) -> None:
-        queue = self.queue
-        with queue.condition:
-            # Nothing queued or being handed over, and room in the window: publish
-            # from this thread at once, saving the hand-over to the publisher thread.
-            direct = (not len(queue) and not queue.in_hand and self._central_connected
-                      and queue.outstanding < PUBLISH_WINDOW and not self.stopping.is_set())
-            if direct:
-                queue.outstanding += 1
-                queue.in_hand += 1
-        if direct:
-            self._hand_over(item)
-            with queue.condition:
-                queue.in_hand -= 1
-                queue.condition.notify()
-            return
-        dropped = queue.put(item)
-        if dropped is not None:
-            self.counters.add("dropped.queue_full")
-            if dropped.source_mid:
-                self.internal.ack(dropped.source_mid, 1)  # given up on: the broker may forget it
-            self.rejections.warning("queue_full", "outgoing queue full (%d messages): dropped the oldest",
-                                    queue.capacity)
+        self.outgoing.put(item)
+
+    def _queue_full(self, dropped: Outgoing) -> None:
+        """The outgoing queue was full: its oldest message made room for a new one."""
+        self.counters.add("dropped.queue_full")
+        self._release(dropped.source_mid)  # given up on: the broker may forget it
+        self.rejections.warning("queue_full", "outgoing queue full (%d messages): dropped the oldest",
+                                self.outgoing.capacity)
 
     def _publish_availability(self, meter_id: str, state: str) -> None:
         self.queue_publish(availability_topic(self.main_topic, meter_id), state, retain=True)
 
-    def _publish_loop(self) -> None:
-        """Hand queued messages to paho while the window and the connection allow."""
-        queue = self.queue
-        while True:
-            with queue.condition:
-                while not self.stopping.is_set() and not (
-                    self._central_connected and len(queue) and queue.outstanding < PUBLISH_WINDOW
-                ):
-                    queue.condition.wait(1.0)
-                if self.stopping.is_set():
-                    return
-                while queue.in_hand:  # a message being published directly goes first
-                    queue.condition.wait(0.01)
-                batch = queue.take(PUBLISH_WINDOW - queue.outstanding)
-                queue.outstanding += len(batch)
-                queue.in_hand += len(batch)
-            # Published outside the condition: paho calls on_publish holding its own lock.
-            # A QoS 1 message handed over while disconnected stays in paho's session
-            # and is sent on reconnect, so every message handed over counts as outstanding.
-            for item in batch:
-                self._hand_over(item)
-            with queue.condition:
-                queue.in_hand -= len(batch)
+    def _too_large(self, item: Outgoing) -> bool:
+        """Whether a message is larger than the central broker takes; then it is not sent.
 
-    def _hand_over(self, item: Outgoing) -> None:
-        """Publish one message to the central broker and remember what it carries.
-
-        A message larger than the broker announced it takes is not handed to
-        paho: the broker would close the connection for it, and the proxy
-        would send it again at once on the next.
+        Such a message is never handed to paho: the broker would close the
+        connection for it, and the proxy would send it again at once on the
+        next. It is counted, logged (rate-limited), and its raw reading
+        released; the window moves on.
         """
         limit = self.central_reporter.limits.maximum_packet_size
-        if limit is not None:
-            size = publish_packet_size(item.topic, len(item.payload), 1, mqtt5=True)
-            if size > limit:
-                self._too_large(item, size, limit)
-                return
-        info = self.central.publish(item.topic, item.payload, qos=1, retain=item.retain)
-        with self._handed_lock:
-            acked_early = info.mid in self._acked_early
-            if acked_early:
-                reason_code = self._acked_early.pop(info.mid)
-            else:
-                self._handed[info.mid] = item
-        if acked_early:
-            self._acknowledged(item, reason_code)
-
-    def _too_large(self, item: Outgoing, size: int, limit: int) -> None:
-        """Not sent: counted, logged (rate-limited), its raw reading released; the window moves on."""
+        if limit is None:
+            return False
+        size = publish_packet_size(item.topic, len(item.payload), 1, mqtt5=True)
+        if size <= limit:
+            return False
         self.counters.add("dropped.too_large")
         self.oversized.warning("too_large", "not sent: %s is %d bytes, more than the %d bytes the central broker "
                                "accepts (its maximum packet size)%s", item.topic, size, limit,
                                "; reading dropped" if item.reading else "")
-        if item.source_mid:
-            self.internal.ack(item.source_mid, 1)
-        with self.queue.condition:
-            self.queue.outstanding -= 1
-            self.queue.condition.notify()
+        self._release(item.source_mid)
+        return True
 
     def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_code: Any,
                             _properties: Any) -> None:
-        with self._handed_lock:
-            item = self._handed.pop(mid, None)
-            if item is None:
-                self._acked_early[mid] = reason_code  # the refusal, if it is one, must not be lost
-        with self.queue.condition:
-            self.queue.outstanding -= 1
-            self.queue.condition.notify()
-        if item is not None:
-            self._acknowledged(item, reason_code)
+        self.outgoing.answered(mid, reason_code)
 
-    def _acknowledged(self, item: Outgoing, reason_code: Any) -> None:
-        """The central broker answered the publish: it took the message, or it refused it."""
-        refused = refusal(reason_code)
+    def _settled(self, item: Outgoing, refused: str | None) -> None:
+        """The central broker answered a publish: it took the message, or it refused it (or never answered)."""
         if refused is None:
             self._delivered(item)
+        elif refused == EXPIRED:
+            # Perhaps delivered, perhaps not: a reading stays with the internal broker, which
+            # hands it over again at the next connection (at least once, as across a restart).
+            self.refusals.warning(EXPIRED, "the central broker never acknowledged %s", item.topic)
         else:
             self._refused(item, refused)
 
@@ -757,8 +664,7 @@ class Proxy:
             with self._state_lock:
                 self.journal.record(*item.energy)
                 self.journal.flush()
-        if item.source_mid:
-            self.internal.ack(item.source_mid, 1)
+        self._release(item.source_mid)
 
     def _refused(self, item: Outgoing, reason: str) -> None:
         """The central broker refused the message (e.g. its ACL): nobody got it.
@@ -772,8 +678,7 @@ class Proxy:
             self.counters.add("dropped.refused_by_central")
         self.refusals.error(reason, "the central broker refused %s (%s)%s", item.topic, reason,
                             "; reading dropped" if item.reading else "")
-        if item.source_mid:
-            self.internal.ack(item.source_mid, 1)
+        self._release(item.source_mid)
 
     def _on_central_connect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                             properties: Any) -> None:
@@ -782,16 +687,15 @@ class Proxy:
         log.info("connected to the central broker %s:%d", self.config.central_broker.host,
                  self.config.central_broker.port)
         self._central_connected = True
+        self.outgoing.set_connected(True)
         self._bridge_online = None  # a new connection: publish the state whatever was retained
         self._update_bridge_state()
         for meter_id in self.availability.online():
-            self._publish_availability(meter_id, "online")
+            self._publish_availability(meter_id, ONLINE)
         # The meters' retained availability (meters known before a restart that stay silent must still
         # go offline), then Home Assistant's status and the configs retained.
         self.central.subscribe([(topic, 1) for topic in (self.availability_subscription,
                                                          *self.discovery.subscriptions)])
-        with self.queue.condition:
-            self.queue.condition.notify()
 
     def _on_central_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         """Retained availability, Home Assistant's status and the retained discovery configs: quick work only."""
@@ -803,14 +707,15 @@ class Proxy:
         # Live messages are our own publications coming back: only the broker's retained store tells
         # of meters from before this start.
         if message.retain and state is not None and topic.meter_id not in self.config.meters.exclude:
-            self.availability.restore(topic.meter_id, self.started_at, online=state == "online")
+            self.availability.restore(topic.meter_id, self.started_at, online=state == ONLINE)
 
     def _on_central_disconnect(self, _client: mqtt.Client, _userdata: Any, flags: Any, reason_code: Any,
                                _properties: Any) -> None:
         self._central_connected = False
+        self.outgoing.set_connected(False)
         self.central_reporter.disconnected(reason_code, deliberate=self._closing, flags=flags)
-        if len(self.queue) and not self._closing:
-            log.warning("%d messages queued until the central broker is back", len(self.queue))
+        if self.outgoing.depth() and not self._closing:
+            log.warning("%d messages queued until the central broker is back", self.outgoing.depth())
 
     def _update_bridge_state(self) -> None:
         """``online`` means forwarding: subscribed on the internal side, connected centrally."""
@@ -819,8 +724,8 @@ class Proxy:
             if online == self._bridge_online or not self._central_connected:
                 return
             self._bridge_online = online
-        self.queue_publish(self.bridge_topic, "online" if online else "offline", retain=True)
-        log.info("bridge state %s", "online" if online else "offline")
+        self.queue_publish(self.bridge_topic, ONLINE if online else OFFLINE, retain=True)
+        log.info("bridge state %s", ONLINE if online else OFFLINE)
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

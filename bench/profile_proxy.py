@@ -5,10 +5,10 @@
 Three measurements, no broker involved:
 
 1. ``MeterDataProcessor.process`` + ``encode_payload`` (the pure mapping);
-2. the proxy's whole ``on_message`` path (``Proxy._on_internal_message``: the
-   mapping, availability, Home Assistant discovery, the outgoing queue, the
-   counters and the energy journal), fed ``MQTTMessage`` objects as paho
-   would, the queue drained by the benchmark between batches;
+2. the proxy's whole per-message path (``Proxy.handle_raw``: the mapping,
+   availability, Home Assistant discovery, the outgoing queue, the counters
+   and the energy journal), fed raw messages as paho hands them over, the
+   queue emptied by the benchmark between batches;
 3. the per-tick work with 100,000 meters online (``MeterAvailability.went_offline``).
 
 Each prints the time per message and cProfile's top functions by own time.
@@ -24,8 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import paho.mqtt.client as mqtt
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -81,17 +79,13 @@ def _proxy(state_dir: Path) -> kpm33b_proxy.Proxy:
     )
     proxy = kpm33b_proxy.Proxy(config, state_dir)
     for meter_id, floor in proxy.journal.open().items():
-        proxy.memory.restore_energy(meter_id, floor.energy)
+        proxy.memory.restore_energy(meter_id, floor.energy, floor.meter_time)
     return proxy
 
 
 def profile_on_message(readings: list, top: int) -> None:
-    """The proxy's on_message path, as paho calls it (warm: every meter already announced)."""
-    messages = []
-    for reading in readings:
-        message = mqtt.MQTTMessage(topic=reading.topic.encode())
-        message.payload = reading.payload
-        messages.append(message)
+    """The proxy's per-message path, as paho's on_message enters it (warm: every meter already announced)."""
+    messages = [(reading.topic, reading.payload) for reading in readings]
     meters = {reading.meter_id for reading in readings}
     with tempfile.TemporaryDirectory(prefix="kpm33b-bench-profile-") as state:
         proxy = _proxy(Path(state))
@@ -99,18 +93,17 @@ def profile_on_message(readings: list, top: int) -> None:
         warm, rest = messages[: 2 * len(meters)], messages[2 * len(meters):]
 
         def run(batch: list) -> None:
-            on_message = proxy._on_internal_message
-            for message in batch:
-                on_message(None, None, message)
-            with proxy.queue.condition:
-                proxy.queue.take(len(proxy.queue))
+            handle_raw = proxy.handle_raw
+            for topic, payload in batch:
+                handle_raw(topic, payload)
+            proxy.outgoing.discard(lambda _item: True)
 
         run(warm)
         started = time.perf_counter()
         half = len(rest) // 2
         run(rest[:half])
         elapsed = time.perf_counter() - started
-        print(f"\n== 2. Proxy._on_internal_message (steady state, {len(meters)} meters known): {half} messages, "
+        print(f"\n== 2. Proxy.handle_raw (steady state, {len(meters)} meters known): {half} messages, "
               f"{elapsed * 1e6 / half:.1f} µs per message (no profiler)")
         profile = cProfile.Profile()
         profile.runcall(run, rest[half:])

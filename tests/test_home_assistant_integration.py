@@ -57,7 +57,7 @@ def running_proxy(config_document: dict[str, Any], state_dir: Path) -> Iterator[
     timers = threading.Thread(target=proxy.run, args=(stop,), daemon=True)
     timers.start()
     try:
-        wait_for(lambda: proxy._bridge_online)
+        wait_for(lambda: proxy.forwarding)
         yield proxy
     finally:
         stop.set()

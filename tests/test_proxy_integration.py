@@ -219,7 +219,7 @@ def test_meter_goes_offline_after_silence_and_online_again(tmp_path, internal_br
     proxy = Proxy(config, tmp_path / "state")
     proxy.start()
     try:
-        wait_for(lambda: proxy._bridge_online)
+        wait_for(lambda: proxy.forwarding)
         client = publisher(internal_broker.port)
         publish_all(client, [("MQTT_RT_DATA", RT_DATA)])
         wait_for(lambda: collector.on("kpm33b/33B1225950027/availability") == [b"online"])

@@ -159,12 +159,12 @@ def test_a_refusal_acknowledged_before_publish_returned_is_still_a_refusal(tmp_p
         return Info()
 
     proxy.central.publish = publish_acknowledged_at_once  # type: ignore[assignment,method-assign]
+    proxy.outgoing.set_connected(True)  # published at once from this thread (no publisher thread started)
     proxy.journal.open()
     try:
         for source_mid, energy in ((7, 101.0), (8, 102.0)):
-            proxy.queue.outstanding += 1  # as _enqueue counts it
-            proxy._hand_over(Outgoing(f"kpm33b/{METER}/minutes", b"{}", True, source_mid=source_mid, reading=True,
-                                      energy=(METER, energy, "20260112170000")))
+            proxy.outgoing.put(Outgoing(f"kpm33b/{METER}/minutes", b"{}", True, source_mid=source_mid, reading=True,
+                                        energy=(METER, energy, "20260112170000")))
         proxy.journal.flush()
         journal = proxy.journal.path.read_text()
     finally:
@@ -173,8 +173,7 @@ def test_a_refusal_acknowledged_before_publish_returned_is_still_a_refusal(tmp_p
     assert proxy.stats(0.0)["dropped"] == {"refused_by_central": 1}
     assert acked == [7, 8]  # both handled: a refusal is not retried
     assert "101.0" not in journal and "102.0" in journal
-    assert proxy.queue.outstanding == 0
-    assert proxy._acked_early == {} and proxy._handed == {}
+    assert proxy.outgoing.pending() == 0
 
 
 # --- the config sender ---------------------------------------------------------------------
