@@ -15,15 +15,13 @@ a password. The environment is passed in, never read here on the module's own.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
@@ -34,13 +32,11 @@ ALLOWED_SECONDS_INTERVALS = (30, 60, 300, 600, 900, 1200, 1800, 3600)
 ALLOWED_MINUTES_INTERVALS = (1, 5, 10, 15, 20, 30, 60, 1440)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # MQTT versions a broker connection may use: "auto" tries 5 and falls back to 3.1.1
-# for the brokers that speak only that (see mqtt_common.ConnectionReporter).
+# for the brokers that speak only that (see mqtt_client.ConnectionReporter).
 PROTOCOL_AUTO = "auto"
 PROTOCOL_5 = "5"
 PROTOCOL_311 = "3.1.1"
 PROTOCOLS = (PROTOCOL_AUTO, PROTOCOL_5, PROTOCOL_311)
-CONFIG_ENV_VAR = "KPM33B_CONFIG"
-EXIT_CONFIG_ERROR = 2
 
 
 class ConfigError(Exception):
@@ -592,43 +588,3 @@ def describe(config: Config) -> str:
 
 
 # --- command line shared by both daemons -----------------------------------
-
-
-@dataclass(frozen=True)
-class CommandLine:
-    """What a daemon was asked to do on its command line."""
-
-    config_path: Path
-    check_only: bool
-
-
-def parse_command_line(argv: list[str], environ: Mapping[str, str], script_dir: Path,
-                       description: str) -> CommandLine:
-    """``--config`` (default ``$KPM33B_CONFIG``, else config.yaml beside the script) and ``--check-config``."""
-    default = environ.get(CONFIG_ENV_VAR) or str(script_dir / "config.yaml")
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=default, help=f"configuration file (default: {default})")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, print any problems and exit (0 valid, 2 invalid)")
-    args = parser.parse_args(argv)
-    return CommandLine(config_path=Path(args.config), check_only=args.check_config)
-
-
-def exit_with_problems(path: Path, error: ConfigError) -> NoReturn:
-    """Print one line per problem and exit with code 2: never a traceback."""
-    print(f"Invalid configuration {path}:", file=sys.stderr)
-    for problem in error.problems:
-        print(f"  {problem}", file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
-
-
-def load_or_exit(command_line: CommandLine, environ: Mapping[str, str]) -> Config:
-    """Load the configuration for a daemon; on ``--check-config`` report and exit."""
-    try:
-        config = load_config(command_line.config_path, environ)
-    except ConfigError as error:
-        exit_with_problems(command_line.config_path, error)
-    if command_line.check_only:
-        print(f"{command_line.config_path}: valid ({describe(config)})")
-        sys.exit(0)
-    return config

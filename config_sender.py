@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 
+import daemon
 from command_tracking import (
     DEFAULT_RETRY_DELAYS,
     Acked,
@@ -61,20 +62,14 @@ from command_tracking import (
     meters_to_configure,
     parse_reading_time,
 )
-from config_loader import Config, ConfigError, describe, load_config, load_or_exit, parse_command_line
+from config_loader import Config, ConfigError, describe, load_config
 from config_watch import ConfigWatcher, file_signature
-from mqtt_common import (
+from daemon import (
     ALERT,
-    ConnectionReporter,
     RateLimitedLog,
-    connect_in_background,
-    install_signal_handlers,
     log_lines_dropped,
-    make_client,
-    network_thread_alive,
-    refusal,
-    setup_logging,
 )
+from mqtt_client import ConnectionReporter, connect_in_background, make_client, network_thread_alive, refusal
 from outgoing import EXPIRED, PublishWindow
 from sd_notify import SystemdNotifier
 from topics import AVAILABILITY, meter_subscriptions, parse_meter_topic, parse_state, sender_stats_topic
@@ -235,7 +230,6 @@ class ConfigSender:
 
     def start(self) -> None:
         """Connect both clients, start the worker and the file watcher; returns at once."""
-        logger.info("config_sender starting: %s", describe(self._config))
         self._started = True
         self._worker.start()
         if self._watcher is not None:
@@ -268,6 +262,12 @@ class ConfigSender:
         self._rejections.flush()
         self._refusals.flush()
         logger.info("config_sender stopped")
+
+    def run(self, stop: threading.Event) -> int:
+        """Wait for ``stop`` (the worker does the work); the exit code: 1 if the worker died of a bug."""
+        while not stop.wait(1.0) and not self.crashed:
+            pass
+        return 1 if self.crashed else 0
 
     @property
     def crashed(self) -> bool:
@@ -350,7 +350,7 @@ class ConfigSender:
                             properties: Any) -> None:
         if not self._reporters["central"].connected(reason_code, properties):
             return
-        logger.info("connected to central broker %s:%d", self._config.central_broker.host,
+        logger.info("connected to the central broker %s:%d", self._config.central_broker.host,
                     self._config.central_broker.port)
         # Subscribing on every connect makes a reconnect invisible.
         main = self._config.central_broker_topics.external_main_topic
@@ -360,7 +360,7 @@ class ConfigSender:
                              properties: Any) -> None:
         if not self._reporters["internal"].connected(reason_code, properties):
             return
-        logger.info("connected to internal broker %s:%d", self._config.internal_broker.host,
+        logger.info("connected to the internal broker %s:%d", self._config.internal_broker.host,
                     self._config.internal_broker.port)
         topics = self._config.internal_broker_topics
         client.subscribe([(topic, 1) for topic in dict.fromkeys((topics.meter_config_ack, topics.meter_time_ack))])
@@ -685,28 +685,18 @@ class ConfigSender:
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run until SIGTERM/SIGINT (exit 0); exit 2 (one line per problem) on an invalid configuration.
+    """Run until SIGTERM/SIGINT (exit 0, or 1 if the worker failed); see ``daemon.main``.
 
     SIGHUP reloads the configuration and the daemon goes on running.
     """
     environ = dict(os.environ) if environ is None else environ
-    command_line = parse_command_line(sys.argv[1:] if argv is None else argv, environ,
-                                      Path(__file__).resolve().parent,
-                                      "Discover KPM33B meters and push their upload intervals and clock.")
-    config = load_or_exit(command_line, environ)
-    setup_logging(config.logging.level, environ)
-    stop = threading.Event()
-    sender = ConfigSender(config, command_line.config_path, environ=environ, notifier=SystemdNotifier(environ))
-    install_signal_handlers(stop, reload=sender.request_reload)
-    sender.start()
-    try:
-        while not stop.wait(1.0) and not sender.crashed:
-            pass
-    finally:
-        sender.stop()
-    return 1 if sender.crashed else 0
+
+    def build(config: Config, command_line: daemon.CommandLine) -> ConfigSender:
+        return ConfigSender(config, command_line.config_path, environ=environ, notifier=SystemdNotifier(environ))
+
+    return daemon.main("config_sender", "Discover KPM33B meters and push their upload intervals and clock.",
+                       Path(__file__).resolve().parent, sys.argv[1:] if argv is None else argv, environ, build)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

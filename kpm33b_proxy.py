@@ -45,9 +45,11 @@ from typing import Any, NamedTuple
 import paho.mqtt.client as mqtt
 
 import config_loader
+import daemon
 from availability import MeterAvailability, silence_limit
 from config_loader import Config, MeterSettings
 from config_watch import ConfigWatcher
+from daemon import Counters, RateLimitedLog
 from data_mapping import (
     DROP_ENERGY_DECREASE,
     DROP_EXCLUDED,
@@ -61,17 +63,13 @@ from data_mapping import (
     encode_payload,
 )
 from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter
-from mqtt_common import (
+from mqtt_client import (
     ConnectionReporter,
-    Counters,
-    RateLimitedLog,
     connect_in_background,
-    install_signal_handlers,
     make_client,
     network_thread_alive,
     publish_packet_size,
     reason_text,
-    setup_logging,
 )
 from outgoing import EXPIRED, Forwarder
 from sd_notify import SystemdNotifier
@@ -258,9 +256,18 @@ class Proxy:
     def start(self) -> None:
         """Lock and load the state, then connect to both brokers in the background.
 
-        Raises ``StateLocked`` or ``StateUnusable`` (see ``state_store``) before connecting to anything.
+        Raises ``daemon.Refused`` before connecting to anything when the state
+        directory is held by another proxy or cannot be used (exit code 3: the
+        internal broker keeps the readings until the proxy can start).
         """
-        for meter_id, floor in self.journal.open().items():
+        try:
+            floors = self.journal.open()
+        except StateLocked as error:
+            raise daemon.Refused(f"{error}; refusing to start a second proxy", EXIT_STATE_LOCKED) from None
+        except StateUnusable as error:
+            raise daemon.Refused(f"{error}; not starting (the internal broker keeps the readings until the proxy "
+                                 "can start)", EXIT_STATE_UNUSABLE) from None
+        for meter_id, floor in floors.items():
             self.memory.restore_energy(meter_id, floor.energy, floor.meter_time)
         damaged = self.journal.damaged_lines  # each also counted in the journal's own WARNING
         log.info("loaded the last energy of %d meters from %s%s", len(self.memory.energy_snapshot()),
@@ -301,10 +308,11 @@ class Proxy:
         self.last_seen.save((meter_id, seen + wall_offset, online)
                             for meter_id, seen, online in self.availability.snapshot())
 
-    def run(self, stop: threading.Event) -> None:
-        """The main thread's timers, until ``stop`` is set."""
+    def run(self, stop: threading.Event) -> int:
+        """The main thread's timers, until ``stop`` is set; the exit code (0)."""
         while not stop.wait(TICK_SECONDS):
             self.tick(time.monotonic())
+        return 0
 
     def request_reload(self) -> None:
         """SIGHUP: re-read the configuration at the next tick, changed or not (only hands the work over)."""
@@ -729,30 +737,16 @@ class Proxy:
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run the proxy until SIGTERM/SIGINT; the exit code."""
+    """Run the proxy until SIGTERM/SIGINT; the exit code (see ``daemon.main``)."""
     environ = os.environ if environ is None else environ
-    command_line = config_loader.parse_command_line(
-        sys.argv[1:] if argv is None else argv, environ, Path(__file__).resolve().parent,
-        "Forward clean KPM33B meter readings from the internal broker to the central broker.",
-    )
-    config = config_loader.load_or_exit(command_line, environ)
-    setup_logging(config.logging.level, environ)
-    log.info("starting: %s", config_loader.describe(config))
-    proxy = Proxy(config, state_directory(command_line.config_path, environ), SystemdNotifier(environ),
-                  config_path=command_line.config_path, environ=environ)
-    stop = threading.Event()
-    install_signal_handlers(stop, reload=proxy.request_reload)
-    try:
-        proxy.start()
-    except StateLocked as error:
-        log.error("%s; refusing to start a second proxy", error)
-        return EXIT_STATE_LOCKED
-    except StateUnusable as error:
-        log.error("%s; not starting (the internal broker keeps the readings until the proxy can start)", error)
-        return EXIT_STATE_UNUSABLE
-    proxy.run(stop)
-    proxy.stop()
-    return 0
+
+    def build(config: Config, command_line: daemon.CommandLine) -> Proxy:
+        return Proxy(config, state_directory(command_line.config_path, environ), SystemdNotifier(environ),
+                     config_path=command_line.config_path, environ=environ)
+
+    return daemon.main("kpm33b_proxy", "Forward clean KPM33B meter readings from the internal broker to the "
+                       "central broker.", Path(__file__).resolve().parent,
+                       sys.argv[1:] if argv is None else argv, environ, build)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
 
-from mqtt_common import refusal
+from mqtt_client import refusal
 
 log = logging.getLogger(__name__)
 

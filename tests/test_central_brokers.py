@@ -36,9 +36,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-import mqtt_common
+import mqtt_client
 from config_loader import BrokerSettings
-from mqtt_common import BrokerLimits, ConnectionReporter, broker_limits, publish_packet_size, tls_hint
+from mqtt_client import BrokerLimits, ConnectionReporter, broker_limits, publish_packet_size, tls_hint
 from tools.meter_simulator import MeterSimulator, encode_payload, eny_now_payload, rt_data_payload
 
 PROXY = "kpm33b_proxy.py"
@@ -515,7 +515,7 @@ def test_tls_hint_from_the_port_and_the_setting(port: int, tls: bool, hint: str)
 
 
 class Clock:
-    """Stands in for time.monotonic in mqtt_common."""
+    """Stands in for time.monotonic in mqtt_client."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -527,7 +527,7 @@ class Clock:
 @pytest.fixture
 def reporter(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[tuple[Any, Clock]]:
     clock = Clock()
-    monkeypatch.setattr(mqtt_common.time, "monotonic", clock)
+    monkeypatch.setattr(mqtt_client.time, "monotonic", clock)
     caplog.set_level(logging.DEBUG, logger="test_reporter")
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test", protocol=MQTTProtocolVersion.MQTTv5)
     settings = BrokerSettings(host="broker", port=1883)

@@ -12,10 +12,8 @@ import yaml
 from config_loader import (
     ALLOWED_MINUTES_INTERVALS,
     ALLOWED_SECONDS_INTERVALS,
-    EXIT_CONFIG_ERROR,
     BrokerSettings,
     CentralTopics,
-    CommandLine,
     Config,
     ConfigError,
     DeviceSettings,
@@ -25,10 +23,9 @@ from config_loader import (
     TlsSettings,
     describe,
     load_config,
-    load_or_exit,
-    parse_command_line,
     parse_config,
 )
+from daemon import EXIT_CONFIG_ERROR, CommandLine, load_or_exit, parse_command_line
 
 ROOT = Path(__file__).resolve().parent.parent
 METER = "33B1225950027"

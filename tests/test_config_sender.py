@@ -35,7 +35,7 @@ from paho.mqtt.properties import Properties
 
 from config_loader import load_config
 from config_sender import ConfigSender
-from mqtt_common import ALERT
+from daemon import ALERT
 from tools.meter_simulator import MeterSimulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -610,7 +610,7 @@ def test_daemon_process_alerts_with_syslog_priority_1_notifies_systemd_and_exits
             process.kill()
         notify_socket.close()
     output = log_path.read_text()
-    assert "<6>config_sender: config_sender starting: internal broker mqtt://127.0.0.1:" in output
+    assert "<6>config_sender: starting: internal broker mqtt://127.0.0.1:" in output
     assert output.count(f"<6>config_sender: meter {OFFICE} acknowledged") == 2
     assert [line for line in output.splitlines() if line.startswith("<1>")] == [
         line for line in output.splitlines() if f"meter {HEAT_PUMP} did not reply" in line]

@@ -26,7 +26,7 @@ import pytest
 from broker import Mosquitto, wait_for
 from daemons import ROOT, Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
 
-from mqtt_common import NonBlockingStreamHandler, install_signal_handlers
+from daemon import NonBlockingStreamHandler, install_signal_handlers
 from tools.meter_simulator import MeterSimulator
 
 METER = "33B1225950027"
@@ -287,7 +287,7 @@ def test_a_stream_without_a_file_descriptor_is_written_too() -> None:
 
 def test_the_last_lines_before_exit_are_written(tmp_path: Path) -> None:
     script = (f"import logging, sys; sys.path.insert(0, {str(ROOT)!r})\n"
-              "from mqtt_common import setup_logging\n"
+              "from daemon import setup_logging\n"
               "setup_logging('INFO', {})\n"
               "log = logging.getLogger('t')\n"
               "for number in range(5000):\n"

@@ -7,8 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import mqtt_common
-from mqtt_common import RateLimitedLog
+import daemon
+from daemon import (
+    RateLimitedLog,
+)
 
 # Monotonic clock readings ``s`` for which ``(s + 60.0) - s < 60.0`` in floating point:
 # ``s + 60`` lands in the next binade and is rounded down. A process started a few
@@ -24,7 +26,7 @@ def test_the_start_values_do_round_down() -> None:
 
 def rejections_at(start: float, monkeypatch: pytest.MonkeyPatch, logger: logging.Logger) -> RateLimitedLog:
     """A RateLimitedLog whose clock stands still at ``start``."""
-    monkeypatch.setattr(mqtt_common, "time", SimpleNamespace(monotonic=lambda: start))
+    monkeypatch.setattr(daemon, "time", SimpleNamespace(monotonic=lambda: start))
     return RateLimitedLog(logger, burst=1, window=WINDOW)
 
 
@@ -63,7 +65,7 @@ def test_flush_with_nothing_suppressed_logs_nothing_and_a_second_flush_repeats_n
 def test_a_window_that_ends_by_the_clock_still_rolls(monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     clock = SimpleNamespace(now=100.0)
-    monkeypatch.setattr(mqtt_common, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    monkeypatch.setattr(daemon, "time", SimpleNamespace(monotonic=lambda: clock.now))
     logger = logging.getLogger("test.rate_limited")
     rejections = RateLimitedLog(logger, burst=1, window=WINDOW)
     with caplog.at_level(logging.WARNING, logger="test.rate_limited"):

@@ -30,12 +30,13 @@ from test_internal_broker_config import METER_A, OBSERVER, SENDER, USER_A, Inter
 from test_internal_broker_config import PASSWORD as INTERNAL_PASSWORD
 
 import config_loader
-import mqtt_common
+import daemon
 from command_tracking import CommandKind, CommandTracker, SlotStatus
 from config_loader import MeterSettings
 from config_sender import ConfigSender
+from daemon import ALERT, RateLimitedLog
 from kpm33b_proxy import Outgoing, Proxy
-from mqtt_common import ALERT, RateLimitedLog, refusal
+from mqtt_client import refusal
 
 PROXY_SCRIPT = "kpm33b_proxy.py"
 PROXY_USER = "kpm33b-proxy"
@@ -267,7 +268,7 @@ def test_a_refused_command_is_neither_sent_nor_alerted_nor_retried() -> None:
     assert tracker.counters()["alerted"] == 1
 
 
-# --- mqtt_common: what a PUBACK says, and the rate-limited log ------------------------------
+# --- what a PUBACK says, and the rate-limited log ------------------------------
 
 
 @pytest.mark.parametrize(("name", "expected"), [
@@ -317,7 +318,7 @@ def test_warnings_keep_their_level_and_wording(caplog: pytest.LogCaptureFixture)
 def test_the_summary_at_shutdown_survives_a_start_time_that_rounds_badly(
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     # (4053.7071533203184 + 60) - 4053.7071533203184 < 60 in floating point.
-    monkeypatch.setattr(mqtt_common.time, "monotonic", lambda: 4053.7071533203184)
+    monkeypatch.setattr(daemon.time, "monotonic", lambda: 4053.7071533203184)
     logger = logging.getLogger("test_refused")
     caplog.set_level(logging.DEBUG, logger="test_refused")
     limited = RateLimitedLog(logger, burst=1, what="refused publishes")

@@ -34,7 +34,7 @@ from test_internal_broker_config import METER_A, PASSWORD, USER_A, InternalBroke
 from test_internal_broker_config import PROXY as PROXY_ACCOUNT
 
 from data_mapping import MAX_PAYLOAD_BYTES, REJECTIONS, Rejected, parse_packet
-from mqtt_common import SHORT_LIVED_LIMIT
+from mqtt_client import SHORT_LIVED_LIMIT
 from tools.meter_simulator import encode_payload, eny_now_payload, meter_ids, rt_data_payload
 
 PROXY_SCRIPT = "kpm33b_proxy.py"
