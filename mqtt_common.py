@@ -446,7 +446,8 @@ class ConnectionReporter:
     def _connack_overdue(self, attempt: int) -> None:
         """No CONNACK in time: say what the broker may be, then close the socket; paho retries with backoff."""
         with self._lock:
-            if attempt != self._attempt or not self._awaiting_connack:
+            # Nothing to say once the daemon has stopped the client (its network thread ends).
+            if attempt != self._attempt or not self._awaiting_connack or not network_thread_alive(self.client):
                 return
             self._awaiting_connack = False
             self._ending = "no CONNACK"
@@ -542,7 +543,7 @@ class ConnectionReporter:
             from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
             if from_broker or before_connack:
                 self._ending = "closed"
-            switched = self._fall_back() if before_connack and ending is None else False
+            switched = self._fall_back() if before_connack and ending is None and not deliberate else False
         lasted = time.monotonic() - self.connected_at if self.connected_at is not None else None
         self.connected_at = None
         if deliberate:
