@@ -619,7 +619,8 @@ def test_daemon_process_alerts_with_syslog_priority_1_notifies_systemd_and_exits
 
 def test_check_config_on_a_bad_file_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("meters:\n  upload_frequency_seconds: 61\n  ack_timeout_seconds: -1\n  colour: blue\n")
+    path.write_text("central_broker: {host: 127.0.0.1}\n"
+                    "meters:\n  upload_frequency_seconds: 61\n  ack_timeout_seconds: -1\n  colour: blue\n")
     result = subprocess.run([sys.executable, str(ROOT / "config_sender.py"), "--config", str(path),
                              "--check-config"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
@@ -701,7 +702,7 @@ def test_truncated_config_keeps_the_last_good_one_and_sends_nothing_not_even_to_
     path.write_text("internal_broker:\n  port: 1\n")  # no central broker
     wait_for(lambda: len(sender_records(caplog, logging.ERROR, "keeping the last good configuration")) == 2,
              timeout=3)
-    assert sender_records(caplog, logging.ERROR, "central_broker.host: missing; required")
+    assert sender_records(caplog, logging.ERROR, "central_broker.host: not set; set it to the address")
 
     assert sender.config.meters.exclude == {EXCLUDED}
     assert sender.config.meters.upload_frequency_seconds == 300
@@ -716,7 +717,7 @@ def test_truncated_config_keeps_the_last_good_one_and_sends_nothing_not_even_to_
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("", "the file is empty"),
-    ("internal_broker:\n", "central_broker.host: missing; required"),
+    ("internal_broker:\n", "central_broker.host: not set; set it to the address"),
 ])
 def test_check_config_on_an_empty_file_or_one_without_the_central_broker_exits_2(
         tmp_path: Path, text: str, problem: str) -> None:

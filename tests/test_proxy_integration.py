@@ -234,7 +234,7 @@ def test_meter_goes_offline_after_silence_and_online_again(tmp_path, internal_br
 
 @pytest.mark.parametrize(("document", "code"), [({"meters": {"upload_frequency_seconds": 45}}, 2), ({}, 0)])
 def test_check_config_reports_problems_with_exit_code_two(tmp_path, document, code):
-    path = write_config(tmp_path, document)
+    path = write_config(tmp_path, {"central_broker": {"host": "127.0.0.1"}, **document})
     result = subprocess.run([sys.executable, str(ROOT / "kpm33b_proxy.py"), "--config", str(path), "--check-config"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == code
