@@ -173,6 +173,28 @@ def test_installed_configuration_refuses_to_start_until_the_central_broker_is_se
     assert "central broker mqtt://192.0.2.10:1883" in checked.stdout
 
 
+def test_first_install_ends_with_the_next_steps_and_an_upgrade_does_not_repeat_them(tmp_path: Path) -> None:
+    destdir = tmp_path / "stage"
+    first = make("install", destdir).stdout
+    closing = first[first.index("Next steps"):]
+    for step in (
+        "central_broker.host in /etc/kpm33b/config.yaml",
+        "Home Assistant's",
+        "--config /etc/kpm33b/config.yaml --check-config",
+        "KPM33B_CENTRAL_USERNAME and KPM33B_CENTRAL_PASSWORD in /etc/kpm33b/secrets.env",
+        "/opt/kpm33b-proxy/scripts/meter-account.sh add <meter id>",
+        "/opt/kpm33b-proxy/doc/meters.md",
+        "systemctl start kpm33b-broker kpm33b-proxy kpm33b-config-sender",
+    ):
+        assert step in closing, step
+    assert closing.index("central_broker.host") < closing.index("secrets.env") < closing.index("meter-account.sh") \
+        < closing.index("systemctl start")
+
+    second = make("install", destdir).stdout
+    assert "Next steps" not in second
+    assert "kept your configuration in /etc/kpm33b" in second
+
+
 def env_file(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
 
