@@ -454,6 +454,24 @@ def test_add_reloads_the_broker_named_by_its_pid_file(broker: InternalBroker) ->
     wait_for(lambda: broker.connect(new_meter[-8:], password="new-secret").connected, timeout=10)
 
 
+def test_the_broker_log_lines_in_the_meter_guide_are_what_the_broker_logs(broker: InternalBroker) -> None:
+    """doc/meters.md quotes the broker's lines for a meter that connects and one that is refused."""
+    broker.login(USER_A, protocol=mqtt.MQTTv311, client_id="meter-a")
+    assert not broker.connect(USER_A, password="not-the-password", protocol=mqtt.MQTTv311).connected
+    quoted = [line for line in (ROOT / "doc" / "meters.md").read_text().splitlines()
+              if line.startswith(("New connection from ", "New client connected from ", "Client <unknown> "))]
+    assert len(quoted) >= 4, quoted
+    logged = broker.mosquitto.log().splitlines()
+
+    for line in quoted:
+        # The guide's address, port, client id and keep-alive stand for anyone's.
+        pattern = re.escape(line)
+        for example, anything in (("192.168.1.57:51344", r"127\.0\.0\.1:\d+"), ("port 11883", r"port \d+"),
+                                  ("<client id>", r"\S+"), ("k60", r"k\d+")):
+            pattern = pattern.replace(re.escape(example), anything)
+        assert any(re.fullmatch(pattern, entry) for entry in logged), f"{line!r} not in:\n{broker.mosquitto.log()}"
+
+
 def test_queued_readings_beyond_a_thousand_survive_a_broker_restart(broker: InternalBroker) -> None:
     """A persistent proxy session keeps its queue while it is away, on disk across a restart."""
     proxy = broker.login(PROXY, protocol=mqtt.MQTTv311, client_id="kpm33b-proxy-test", clean=False)
