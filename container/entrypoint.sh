@@ -1,5 +1,5 @@
 #!/bin/sh
-# The container image's entry point: one image, four roles (compose.yaml).
+# The container image's entry point: one image, a role per service of compose.yaml.
 #
 #   broker          the internal Mosquitto broker the meters connect to (11883):
 #                   the shipped mosquitto/internal.conf, logging to stdout; it
