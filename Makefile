@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The container test runs podman as root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help deps demo run test lint bench install uninstall clean
+.PHONY: help deps demo run test test-container lint bench install uninstall clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -25,6 +27,10 @@ run: deps ## brokers and both daemons for real meters (no simulator)
 test: deps ## lint and the whole test suite, integration tests included
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+test-container: deps ## build the image, run compose.yaml on podman, check it end to end, take it all down
+	bash container/install-tools.sh
+	$(SUDO) $(PY) -m pytest -p no:cacheprovider -o tmp_path_retention_policy=none -s container/test_compose.py
 
 bench: deps ## performance: proxy vs bare paho forwarder vs Mosquitto bridge, latency, memory, config_sender
 	$(PY) bench/run.py

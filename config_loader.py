@@ -244,10 +244,19 @@ class _Section:
         self.used.add(key)
         return _Section(self.data.get(key), self.key_path(key), self.problems, self.readable)
 
-    def require(self, key: str, what: str) -> None:
-        """Report ``key`` when absent (or null): a default would silently mean something else."""
-        if self.readable and self.data.get(key) is None:
-            self.problems.append(f"{self.key_path(key)}: missing; required: {what}")
+    def require(self, key: str, problem: str) -> bool:
+        """Report ``key`` with ``problem`` (what to set it to) when absent or null; whether it was.
+
+        A default would silently mean something else, so the line must tell the
+        operator what the value is, not only that it is missing. A reported key
+        is not validated as well: ``host: null`` is one problem, not two.
+        """
+        if self.data.get(key) is not None:
+            return False
+        self.used.add(key)
+        if self.readable:
+            self.problems.append(f"{self.key_path(key)}: {problem}")
+        return True
 
     def finish(self) -> None:
         """Report every key that nothing asked for: almost always a typo."""
@@ -428,13 +437,12 @@ def _read_tls(section: _Section) -> TlsSettings | None:
 
 def _read_broker(section: _Section, default: BrokerSettings, env_prefix: str,
                  environ: Mapping[str, str], queued: bool = False, host_required: str | None = None) -> BrokerSettings:
-    """One broker section; ``host_required`` (what the host is) makes the host a key the file must set."""
-    if host_required is not None:
-        section.require("host", host_required)
+    """One broker section; ``host_required`` (the problem reported without a host) makes the host a must."""
+    host_missing = host_required is not None and section.require("host", host_required)
     username = section.get("username", _optional_text, None)
     password = section.get("password", _optional_text, None, secret=True)
     settings = BrokerSettings(
-        host=section.get("host", _host, default.host),
+        host=default.host if host_missing else section.get("host", _host, default.host),
         port=section.get("port", _integer(1, 65535), default.port),
         username=environ.get(f"{env_prefix}_USERNAME") or username,
         password=environ.get(f"{env_prefix}_PASSWORD") or password,
@@ -519,10 +527,12 @@ def parse_config(raw: object, environ: Mapping[str, str]) -> Config:
     config = Config(
         internal_broker=_read_broker(root.section("internal_broker"), defaults.internal_broker,
                                      "KPM33B_INTERNAL", environ),
-        # No default: an empty or cut-off file must not silently mean "the broker on this machine".
+        # No default: an empty or cut-off file, or the shipped one, must not silently mean "the broker on
+        # this machine" (Debian's own mosquitto package listens on 127.0.0.1:1883).
         central_broker=_read_broker(root.section("central_broker"), defaults.central_broker,
                                     "KPM33B_CENTRAL", environ, queued=True,
-                                    host_required="the IPv4/IPv6 address or host name of the central broker"),
+                                    host_required="not set; set it to the address (IP or host name) of your "
+                                                  "existing MQTT broker, for example Home Assistant's"),
         internal_broker_topics=_read_topics(root.section("internal_broker_topics"), InternalTopics(),
                                             _topic_prefix),
         central_broker_topics=_read_topics(root.section("central_broker_topics"), CentralTopics(),

@@ -39,6 +39,9 @@ unit_dir=/etc/systemd/system
 units=(kpm33b-broker.service kpm33b-proxy.service kpm33b-config-sender.service)
 daemon_user=kpm33b
 broker_user=kpm33b-broker
+# Set when this run created /etc/kpm33b/config.yaml: a first installation,
+# which ends with the steps that make it work.
+first_install=no
 
 say() {
   echo "install.sh: $*"
@@ -145,7 +148,8 @@ install_etc() {
     say "keeping $etc_dir/config.yaml (the shipped default is $prefix/config.yaml)"
   else
     install -m 0644 "$repo/config.yaml" "$etc/config.yaml"
-    say "installed $etc_dir/config.yaml: set central_broker there"
+    say "installed $etc_dir/config.yaml"
+    first_install=yes
   fi
 
   if [ -e "$etc/mosquitto/internal.conf" ] && ! cmp -s "$shipped/internal.conf" "$etc/mosquitto/internal.conf"; then
@@ -175,7 +179,7 @@ install_etc() {
 #KPM33B_CENTRAL_PASSWORD=
 EOF
     )
-    say "created $etc_dir/secrets.env: put the central broker's account there"
+    say "created $etc_dir/secrets.env"
   fi
   own root 0600 "$etc/secrets.env"
 
@@ -212,6 +216,31 @@ EOF
   say "created the internal broker account $username ($etc_dir/$(basename "$env_file"))"
 }
 
+# What is left to do once the files are in place: the installation refuses to
+# start until central_broker.host names the existing broker (config.yaml ships
+# without one), so say exactly what to set, where, and what comes after.
+next_steps() {
+  local python=$prefix/venv/bin/python
+  if [ "$first_install" != yes ]; then
+    say "done; kept your configuration in $etc_dir"
+    say "new settings: compare $etc_dir/config.yaml with $prefix/config.yaml"
+    return 0
+  fi
+  cat <<EOF
+install.sh: done. Next steps:
+  1. Central broker: set central_broker.host in $etc_dir/config.yaml to the address of
+     your existing MQTT broker (for example Home Assistant's), and .port and .tls if they
+     differ; the services refuse to start until it is set. Check the file with
+       $python $prefix/kpm33b_proxy.py --config $etc_dir/config.yaml --check-config
+  2. Secrets: if that broker has accounts, put KPM33B_CENTRAL_USERNAME and KPM33B_CENTRAL_PASSWORD in $etc_dir/secrets.env
+  3. First meter: $prefix/scripts/meter-account.sh add <meter id>
+     and enter what it prints on the meter ($prefix/doc/meters.md)
+  4. Start: systemctl start kpm33b-broker kpm33b-proxy kpm33b-config-sender
+     and watch: journalctl -u 'kpm33b-*' -f
+More in $prefix/doc/operations.md (backup, upgrades, removal, troubleshooting).
+EOF
+}
+
 install_units() {
   local unit
   install -d -m 0755 "$destdir$unit_dir"
@@ -240,12 +269,12 @@ do_install() {
     systemctl enable "${units[@]}"
     # An upgrade: restart what was running so that the new code is used.
     systemctl try-restart "${units[@]}"
-    say "enabled ${units[*]}; start them with: systemctl start kpm33b-proxy kpm33b-config-sender"
+    say "enabled ${units[*]} (restarted those that were running)"
   else
     say "note: systemd is not running here; enable the units later with:"
-    say "  systemctl daemon-reload && systemctl enable --now ${units[*]}"
+    say "  systemctl daemon-reload && systemctl enable ${units[*]}"
   fi
-  say "done; see $prefix/doc/operations.md"
+  next_steps
 }
 
 do_uninstall() {

@@ -17,7 +17,22 @@
 # commands to that one meter. (Mosquitto ACL topics cannot wildcard part of a
 # topic level, so "MQTT_COMMOD_SET_+" is not valid; each meter is listed.)
 # Without a password one is generated and printed once: write it down.
-# The broker applies a change on `systemctl reload kpm33b-broker`.
+# Ids are accepted in any letter case and written in upper case, as the
+# meters show them (33b1225950027 and 33B1225950027 are the same meter).
+#
+# The broker applies a change when it reloads. `add` and `remove` make it do
+# so themselves when it runs: `systemctl reload kpm33b-broker` when that unit is
+# active, else SIGHUP to the pid in $KPM33B_BROKER_PID_FILE (the container
+# image sets it); otherwise they say how to apply the change.
+#
+# Environment:
+#   KPM33B_METER_PORT       the port the meters reach the broker on, printed by
+#                           `add` (default: the listener in internal.conf beside
+#                           the password file, else 11883); the container sets
+#                           the port it publishes
+#   KPM33B_BROKER_PID_FILE  a broker to reload by SIGHUP when systemd has none
+#   KPM33B_CONTAINER        set in the container image: the addresses `add`
+#                           would find are the container's, not the machine's
 set -euo pipefail
 
 passwd_file=/etc/kpm33b/mosquitto/passwd
@@ -54,12 +69,14 @@ command=$1
 shift
 [ -n "$acl_file" ] || acl_file="$(dirname "$passwd_file")/acl"
 
-# The meter id is 13 characters [0-9A-Za-z]; its account is the last 8.
-meter_username() {
+# The meter id is 13 characters [0-9A-Za-z], taken in upper case: the
+# meters show their ids so, and one spelling per meter is what lets `remove`
+# find what `add` wrote. Its account is the last 8 characters.
+meter_id_upper() {
   local meter_id=$1
   [[ "$meter_id" =~ ^[0-9A-Za-z]{13}$ ]] \
     || die "'$meter_id' is not a meter id: it must be exactly 13 characters 0-9, A-Z, a-z (e.g. 33B1225950027)"
-  echo "${meter_id: -8}"
+  echo "${meter_id^^}"
 }
 
 # 20 random letters and digits: safe to type into a meter's settings page.
@@ -94,17 +111,29 @@ passwd_has_user() {
   [ -e "$passwd_file" ] && cut -d: -f1 "$passwd_file" | grep -qxF -- "$1"
 }
 
-# Drop the managed section of one meter from the ACL (rewritten in place, so
-# the file keeps its owner and mode).
+# The password entries of an account in any letter case (an older version of
+# this script kept the case it was given).
+passwd_users_like() {
+  [ -e "$passwd_file" ] || return 0
+  cut -d: -f1 "$passwd_file" | awk -v user="$1" 'toupper($0) == user'
+}
+
+# Drop the managed section of one meter from the ACL, whatever the case its id
+# was written in (rewritten in place, so the file keeps its owner and mode).
 acl_remove_meter() {
   local meter_id=$1 kept
   [ -e "$acl_file" ] || return 0
-  kept=$(awk -v begin="# >>> meter $meter_id" -v end="# <<< meter $meter_id" '
-    $0 == begin || index($0, begin " ") == 1 { skip = 1; next }
-    skip && $0 == end { skip = 0; next }
+  kept=$(awk -v begin="# >>> METER $meter_id" -v end="# <<< METER $meter_id" '
+    { line = toupper($0) }
+    line == begin || index(line, begin " ") == 1 { skip = 1; next }
+    skip && line == end { skip = 0; next }
     !skip { print }
   ' "$acl_file")
   printf '%s\n' "$kept" > "$acl_file"
+}
+
+acl_has_meter() {
+  [ -e "$acl_file" ] && grep -qixF -- "# <<< meter $1" "$acl_file"
 }
 
 acl_add_meter() {
@@ -129,20 +158,85 @@ EOF
   restore_permissions "$acl_file"
 }
 
+# The port the meters reach the broker on: what to enter on the meter.
+meter_port() {
+  local conf port=""
+  conf="$(dirname "$passwd_file")/internal.conf"
+  if [ -n "${KPM33B_METER_PORT:-}" ]; then
+    port=$KPM33B_METER_PORT
+  elif [ -r "$conf" ]; then
+    port=$(awk '$1 == "listener" { print $2; exit }' "$conf")
+  fi
+  echo "${port:-11883}"
+}
+
+# This machine's IPv4 addresses on its networks, without the bridges of
+# containers and virtual machines, which no meter can reach.
+lan_addresses() {
+  if command -v ip >/dev/null; then
+    ip -4 -o addr show scope global 2>/dev/null \
+      | awk '$2 !~ /^(docker|podman|cni|br-|veth|virbr|lxc|lxd)/ { split($4, a, "/"); print a[1] }'
+  elif command -v hostname >/dev/null; then
+    hostname -I 2>/dev/null | tr ' ' '\n' | grep -E '^[0-9]+(\.[0-9]+){3}$' || true
+  fi
+}
+
+# What the operator types into the meter's private-server settings (doc/meters.md).
+print_meter_settings() {
+  local username=$1 password_note=$2 addresses
+  if [ -n "${KPM33B_CONTAINER:-}" ]; then
+    # Inside a container its own addresses are not what the meters reach.
+    addresses="the LAN address of the machine that runs the containers"
+  else
+    addresses=$(lan_addresses | paste -sd ' ' - | sed 's/ /, /g')
+    case "$addresses" in
+      "") addresses="this machine's LAN address (none found: see 'ip addr')" ;;
+      *", "*) addresses="one of $addresses (this machine; the one on the meters' network)" ;;
+      *) addresses="$addresses (this machine)" ;;
+    esac
+  fi
+  echo "On the meter, in the KPM Config app's private server settings (doc/meters.md):"
+  echo "  server address: $addresses"
+  echo "  port: $(meter_port)"
+  echo "  MQTT account: $username"
+  echo "  MQTT password: $password_note"
+}
+
+# Make the running broker re-read its accounts, or say how to. systemctl
+# is-active fails where systemd does not run or the unit is not installed.
+reload_broker() {
+  local pid=""
+  if command -v systemctl >/dev/null && systemctl is-active --quiet kpm33b-broker 2>/dev/null; then
+    if systemctl reload kpm33b-broker; then
+      echo "kpm33b-broker has reloaded its accounts: the change applies now."
+      return 0
+    fi
+    echo "meter-account.sh: warning: systemctl reload kpm33b-broker failed" >&2
+  elif [ -n "${KPM33B_BROKER_PID_FILE:-}" ] && [ -r "$KPM33B_BROKER_PID_FILE" ]; then
+    pid=$(head -n 1 "$KPM33B_BROKER_PID_FILE")
+    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -HUP "$pid" 2>/dev/null; then
+      echo "kpm33b-broker has reloaded its accounts: the change applies now."
+      return 0
+    fi
+  fi
+  reload_hint
+}
+
 reload_hint() {
   echo "Apply it with: systemctl reload kpm33b-broker"
 }
 
 cmd_add() {
   [ $# -ge 1 ] && [ $# -le 2 ] || usage
-  local meter_id=$1 username password generated=no
-  username=$(meter_username "$meter_id")
+  local meter_id username password generated=no
+  meter_id=$(meter_id_upper "$1")
+  username=${meter_id: -8}
   [ -e "$acl_file" ] || die "ACL file $acl_file not found (run the installer first, or pass --acl-file)"
   # A second id with the same last 8 characters would share the account and
   # the command topics: refuse rather than mix two meters up.
   local other
   other=$(sed -n "s/^# >>> meter \([0-9A-Za-z]*\) .*/\1/p" "$acl_file" \
-    | awk -v u="$username" -v id="$meter_id" 'substr($0, 6) == u && $0 != id' | head -n 1)
+    | awk -v u="$username" -v id="$meter_id" 'toupper(substr($0, 6)) == u && toupper($0) != id' | head -n 1)
   [ -z "$other" ] || die "meter $other already uses the account $username (same last 8 characters)"
   if [ $# -eq 2 ]; then
     password=$2
@@ -156,21 +250,25 @@ cmd_add() {
   echo "Meter $meter_id: account $username added to $passwd_file and $acl_file."
   if [ "$generated" = yes ]; then
     echo "Password (shown only now): $password"
+    print_meter_settings "$username" "the password above"
+  else
+    print_meter_settings "$username" "the one given"
   fi
-  echo "On the meter set: broker = this machine, port 11883, user name $username, that password."
-  reload_hint
+  reload_broker
 }
 
 cmd_remove() {
   [ $# -eq 1 ] || usage
-  local meter_id=$1 username found=no
-  username=$(meter_username "$meter_id")
-  if passwd_has_user "$username"; then
-    mosquitto_passwd -D "$passwd_file" "$username" >/dev/null
+  local meter_id username user found=no
+  meter_id=$(meter_id_upper "$1")
+  username=${meter_id: -8}
+  while read -r user; do
+    [ -n "$user" ] || continue
+    mosquitto_passwd -D "$passwd_file" "$user" >/dev/null
     restore_permissions "$passwd_file"
     found=yes
-  fi
-  if [ -e "$acl_file" ] && grep -qxF "# <<< meter $meter_id" "$acl_file"; then
+  done < <(passwd_users_like "$username")
+  if acl_has_meter "$meter_id"; then
     acl_remove_meter "$meter_id"
     found=yes
   fi
@@ -179,7 +277,7 @@ cmd_remove() {
     return 0
   fi
   echo "Meter $meter_id: account $username removed."
-  reload_hint
+  reload_broker
 }
 
 cmd_list() {

@@ -36,6 +36,9 @@ PORT_ALLOWED = "an integer from 1 to 65535"
 # The top-level sections: those of the design, and any added since.
 ROOT_KNOWN = ", ".join(sorted(Config.__dataclass_fields__))
 DEVICE_KNOWN = ", ".join(sorted(DeviceSettings.__dataclass_fields__))
+# The one line an installation sees until it names its central broker.
+CENTRAL_HOST_PROBLEM = ("central_broker.host: not set; set it to the address (IP or host name) of your existing "
+                        "MQTT broker, for example Home Assistant's")
 
 
 def with_central_host(document: object) -> object:
@@ -110,8 +113,20 @@ def test_empty_sections_give_the_defaults() -> None:
     assert config == Config()
 
 
-def test_shipped_config_is_valid_and_equals_the_defaults() -> None:
-    assert load_config(ROOT / "config.yaml", {}) == Config()
+def test_shipped_config_is_refused_with_one_line_saying_to_set_the_central_broker() -> None:
+    """Installed as it is, it must not reach whatever broker listens on this machine's 1883."""
+    with pytest.raises(ConfigError) as error:
+        load_config(ROOT / "config.yaml", {})
+
+    assert error.value.problems == (CENTRAL_HOST_PROBLEM,)
+
+
+def test_shipped_config_with_the_central_broker_set_equals_the_defaults() -> None:
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    assert raw["central_broker"]["host"] is None
+    raw["central_broker"]["host"] = "127.0.0.1"
+
+    assert parse_config(raw, {}) == Config()
 
 
 def test_shipped_config_sets_every_key_of_the_design() -> None:
@@ -184,13 +199,13 @@ def test_empty_file_is_a_problem(tmp_path: Path, text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["internal_broker:\n", "# nothing configured yet\n",
-                                  "central_broker: {port: 1883}\n", "central_broker:\n"])
+                                  "central_broker: {port: 1883}\n", "central_broker:\n",
+                                  "central_broker: {host: null}\n"])
 def test_file_without_the_central_broker_host_is_a_problem_naming_that_key(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, text), {})
 
-    assert error.value.problems == (
-        "central_broker.host: missing; required: the IPv4/IPv6 address or host name of the central broker",)
+    assert error.value.problems == (CENTRAL_HOST_PROBLEM,)
 
 
 def test_check_config_of_an_empty_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -704,7 +704,7 @@ def test_truncated_config_keeps_the_last_good_one_and_sends_nothing_not_even_to_
     path.write_text("internal_broker:\n  port: 1\n")  # no central broker
     wait_for(lambda: len(sender_records(caplog, logging.ERROR, "keeping the last good configuration")) == 2,
              timeout=3)
-    assert sender_records(caplog, logging.ERROR, "central_broker.host: missing; required")
+    assert sender_records(caplog, logging.ERROR, "central_broker.host: not set; set it to the address")
 
     assert sender.config.meters.exclude == {EXCLUDED}
     assert sender.config.meters.upload_frequency_seconds == 300
@@ -719,7 +719,7 @@ def test_truncated_config_keeps_the_last_good_one_and_sends_nothing_not_even_to_
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("", "the file is empty"),
-    ("internal_broker:\n", "central_broker.host: missing; required"),
+    ("internal_broker:\n", "central_broker.host: not set; set it to the address"),
 ])
 def test_check_config_on_an_empty_file_or_one_without_the_central_broker_exits_2(
         tmp_path: Path, text: str, problem: str) -> None:

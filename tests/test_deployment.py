@@ -20,6 +20,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +143,56 @@ def test_install_stages_code_configuration_and_units(stage: Path) -> None:
         assert (stage / "etc/systemd/system" / unit).read_bytes() == (ROOT / "systemd" / unit).read_bytes()
     installed = sorted(str(path.relative_to(stage)) for path in stage.rglob("*") if path.is_file())
     assert all(path.startswith(("opt/kpm33b-proxy/", "etc/kpm33b/", "etc/systemd/system/")) for path in installed)
+
+
+@pytest.mark.parametrize("script", ["kpm33b_proxy.py", "config_sender.py"])
+@pytest.mark.parametrize("check_only", [True, False], ids=["start-check", "start"])
+def test_installed_configuration_refuses_to_start_until_the_central_broker_is_set(
+    stage: Path, script: str, check_only: bool,
+) -> None:
+    """The units' ExecStartPre= check and the daemon itself: one line saying what to set, exit code 2.
+
+    The shipped default once pointed at 127.0.0.1:1883, where Debian's own
+    mosquitto package listens: every reading went there without a word.
+    """
+    config = stage / "etc/kpm33b/config.yaml"
+    command = [sys.executable, str(stage / "opt/kpm33b-proxy" / script), "--config", str(config)]
+    result = subprocess.run([*command, "--check-config"] if check_only else command,
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"Invalid configuration {config}:",
+        "  central_broker.host: not set; set it to the address (IP or host name) of your existing MQTT broker, "
+        "for example Home Assistant's",
+    ]
+
+    config.write_text(config.read_text().replace("  host: null ", "  host: 192.0.2.10 ", 1))
+    checked = subprocess.run([*command, "--check-config"], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert "central broker mqtt://192.0.2.10:1883" in checked.stdout
+
+
+def test_first_install_ends_with_the_next_steps_and_an_upgrade_does_not_repeat_them(tmp_path: Path) -> None:
+    destdir = tmp_path / "stage"
+    first = make("install", destdir).stdout
+    closing = first[first.index("Next steps"):]
+    for step in (
+        "central_broker.host in /etc/kpm33b/config.yaml",
+        "Home Assistant's",
+        "--config /etc/kpm33b/config.yaml --check-config",
+        "KPM33B_CENTRAL_USERNAME and KPM33B_CENTRAL_PASSWORD in /etc/kpm33b/secrets.env",
+        "/opt/kpm33b-proxy/scripts/meter-account.sh add <meter id>",
+        "/opt/kpm33b-proxy/doc/meters.md",
+        "systemctl start kpm33b-broker kpm33b-proxy kpm33b-config-sender",
+    ):
+        assert step in closing, step
+    assert closing.index("central_broker.host") < closing.index("secrets.env") < closing.index("meter-account.sh") \
+        < closing.index("systemctl start")
+
+    second = make("install", destdir).stdout
+    assert "Next steps" not in second
+    assert "kept your configuration in /etc/kpm33b" in second
 
 
 def env_file(path: Path) -> dict[str, str]:

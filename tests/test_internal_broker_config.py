@@ -19,6 +19,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import subprocess
 import threading
 import uuid
@@ -50,13 +51,36 @@ def accepted(reason_code: ReasonCode) -> bool:
     return not reason_code.is_failure
 
 
-def meter_account(passwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run scripts/meter-account.sh on a throw-away password file and ACL."""
+def fake_systemctl(directory: Path, broker_pid: int | None = None) -> Path:
+    """A ``systemctl`` that logs its calls: kpm33b-broker is active when ``broker_pid`` is given.
+
+    Its ``reload`` does what the unit's ExecReload= does (SIGHUP to the broker),
+    so a test sees the real broker take the change. Without a pid the broker is
+    inactive, as on a machine where the units are not installed or not started.
+    Every run of meter-account.sh in these tests gets one, so that none of them
+    can reach a kpm33b-broker really installed on the machine.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    active = f'case "$1" in is-active) exit 0 ;; reload) kill -HUP {broker_pid} ;; esac' if broker_pid else \
+        'case "$1" in is-active) exit 3 ;; esac'
+    script = directory / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{directory}/calls"\n{active}\n')
+    script.chmod(0o755)
+    return directory
+
+
+def meter_account(passwd: Path, *args: str, systemctl: Path | None = None,
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run scripts/meter-account.sh on a throw-away password file and ACL (``systemctl``: its fake's folder)."""
+    bin_dir = systemctl or fake_systemctl(passwd.parent / "inactive-systemd")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("KPM33B_")}
+    environment.update(PATH=f"{bin_dir}:{os.environ['PATH']}", **(env or {}))
     return subprocess.run(
         ["bash", str(METER_ACCOUNT), "--passwd-file", str(passwd), *args],
         capture_output=True,
         text=True,
         timeout=30,
+        env=environment,
     )
 
 
@@ -395,6 +419,59 @@ def test_new_meter_can_connect_after_a_reload(broker: InternalBroker) -> None:
     wait_for(lambda: proxy.received("MQTT_RT_DATA", "reading"))
 
 
+def test_add_and_remove_reload_the_running_broker_themselves(broker: InternalBroker) -> None:
+    """With kpm33b-broker active, nothing is left for the operator to do after `add` or `remove`."""
+    assert broker.mosquitto.process is not None
+    systemctl = fake_systemctl(broker.dir / "active-systemd", broker.mosquitto.process.pid)
+    new_meter = "KPM31A0000002"
+    assert not broker.connect(new_meter[-8:], password="new-secret").connected
+
+    added = meter_account(broker.passwd, "add", new_meter, "new-secret", systemctl=systemctl)
+    assert added.returncode == 0, added.stderr
+    assert "kpm33b-broker has reloaded its accounts" in added.stdout
+    assert "Apply it with" not in added.stdout
+    wait_for(lambda: broker.connect(new_meter[-8:], password="new-secret").connected, timeout=10)
+
+    removed = meter_account(broker.passwd, "remove", METER_B, systemctl=systemctl)
+    assert removed.returncode == 0, removed.stderr
+    assert "kpm33b-broker has reloaded its accounts" in removed.stdout
+    wait_for(lambda: not broker.connect(USER_B).connected, timeout=10)
+    assert (systemctl / "calls").read_text().splitlines() == [
+        "is-active --quiet kpm33b-broker", "reload kpm33b-broker",
+    ] * 2
+
+
+def test_add_reloads_the_broker_named_by_its_pid_file(broker: InternalBroker) -> None:
+    """The container's way: no systemd, the broker's pid in the file KPM33B_BROKER_PID_FILE names."""
+    assert broker.mosquitto.process is not None
+    pid_file = broker.dir / "mosquitto.pid"
+    pid_file.write_text(f"{broker.mosquitto.process.pid}\n")
+    new_meter = "KPM31A0000003"
+
+    added = meter_account(broker.passwd, "add", new_meter, "new-secret", env={"KPM33B_BROKER_PID_FILE": str(pid_file)})
+    assert added.returncode == 0, added.stderr
+    assert "kpm33b-broker has reloaded its accounts" in added.stdout
+    wait_for(lambda: broker.connect(new_meter[-8:], password="new-secret").connected, timeout=10)
+
+
+def test_the_broker_log_lines_in_the_meter_guide_are_what_the_broker_logs(broker: InternalBroker) -> None:
+    """doc/meters.md quotes the broker's lines for a meter that connects and one that is refused."""
+    broker.login(USER_A, protocol=mqtt.MQTTv311, client_id="meter-a")
+    assert not broker.connect(USER_A, password="not-the-password", protocol=mqtt.MQTTv311).connected
+    quoted = [line for line in (ROOT / "doc" / "meters.md").read_text().splitlines()
+              if line.startswith(("New connection from ", "New client connected from ", "Client <unknown> "))]
+    assert len(quoted) >= 4, quoted
+    logged = broker.mosquitto.log().splitlines()
+
+    for line in quoted:
+        # The guide's address, port, client id and keep-alive stand for anyone's.
+        pattern = re.escape(line)
+        for example, anything in (("192.168.1.57:51344", r"127\.0\.0\.1:\d+"), ("port 11883", r"port \d+"),
+                                  ("<client id>", r"\S+"), ("k60", r"k\d+")):
+            pattern = pattern.replace(re.escape(example), anything)
+        assert any(re.fullmatch(pattern, entry) for entry in logged), f"{line!r} not in:\n{broker.mosquitto.log()}"
+
+
 def test_queued_readings_beyond_a_thousand_survive_a_broker_restart(broker: InternalBroker) -> None:
     """A persistent proxy session keeps its queue while it is away, on disk across a restart."""
     proxy = broker.login(PROXY, protocol=mqtt.MQTTv311, client_id="kpm33b-proxy-test", clean=False)
@@ -509,3 +586,81 @@ def test_meter_account_generates_a_password_and_manages_only_known_services(acco
     refused = meter_account(accounts, "add-service", "admin")
     assert refused.returncode != 0
     assert [line.split(":")[0] for line in accounts.read_text().splitlines()] == [PROXY]
+
+
+def test_meter_account_without_a_running_broker_says_how_to_apply_the_change(accounts: Path) -> None:
+    result = meter_account(accounts, "add", METER_A, "pw1")
+    assert result.returncode == 0, result.stderr
+    assert "Apply it with: systemctl reload kpm33b-broker" in result.stdout
+    assert "reloaded" not in result.stdout
+    assert (accounts.parent / "inactive-systemd/calls").read_text().splitlines() == ["is-active --quiet kpm33b-broker"]
+
+
+def test_meter_account_takes_ids_in_any_letter_case_as_upper_case(accounts: Path) -> None:
+    """`add 33b…` then `remove 33B…` once left the ACL section behind, and it blocked a new `add`."""
+    acl = accounts.parent / "acl"
+    shipped = acl.read_text()
+    for meter_id in ("33b1225950030", "kpm31a00000b2"):
+        upper = meter_id.upper()
+        added = meter_account(accounts, "add", meter_id, "pw1")
+        assert added.returncode == 0, added.stderr
+        assert f"Meter {upper}: account {upper[-8:]} added" in added.stdout
+        assert f"# >>> meter {upper} " in acl.read_text()
+        assert f"user {upper[-8:]}\n" in acl.read_text()
+        assert f"topic write MQTT_COMMOD_SET_{upper[-8:]}\n" in acl.read_text()
+        assert meter_id not in acl.read_text()
+        assert [line.split(":")[0] for line in accounts.read_text().splitlines()] == [upper[-8:]]
+
+        removed = meter_account(accounts, "remove", upper)
+        assert removed.returncode == 0, removed.stderr
+        assert acl.read_text() == shipped
+        assert accounts.read_text() == ""
+
+        again = meter_account(accounts, "add", upper, "pw1")
+        assert again.returncode == 0, again.stderr
+        assert meter_account(accounts, "remove", meter_id).returncode == 0
+        assert acl.read_text() == shipped
+        assert accounts.read_text() == ""
+
+
+def test_meter_account_replaces_and_removes_a_section_an_older_version_wrote_in_lower_case(accounts: Path) -> None:
+    acl = accounts.parent / "acl"
+    shipped = acl.read_text()
+    acl.write_text(shipped + (
+        "# >>> meter 33b1225950030 (written by scripts/meter-account.sh; edit with it)\n"
+        "user 25950030\ntopic write MQTT_RT_DATA\n"
+        "user kpm33b-config-sender\ntopic write MQTT_COMMOD_SET_25950030\n"
+        "# <<< meter 33b1225950030\n"
+    ))
+
+    added = meter_account(accounts, "add", "33B1225950030", "pw1")
+    assert added.returncode == 0, added.stderr
+    assert acl.read_text().lower().count("# >>> meter 33b1225950030 ") == 1
+    assert "# >>> meter 33B1225950030 " in acl.read_text()
+
+    assert meter_account(accounts, "remove", "33B1225950030").returncode == 0
+    assert acl.read_text() == shipped
+
+
+def lan_address() -> str:
+    """This machine's address on its default route: one a meter on the LAN can reach."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("198.51.100.1", 9))  # UDP: nothing is sent, the kernel only picks the source address
+        return str(probe.getsockname()[0])
+
+
+def test_meter_account_add_prints_what_to_enter_on_the_meter(accounts: Path) -> None:
+    result = meter_account(accounts, "add", METER_A)
+    assert result.returncode == 0, result.stderr
+    server = re.search(r"^  server address: (.*)$", result.stdout, re.MULTILINE)
+    assert server is not None, result.stdout
+    assert lan_address() in re.findall(r"[0-9]+(?:\.[0-9]+){3}", server.group(1))
+    assert "127.0.0.1" not in server.group(1)
+    assert "\n  port: 11883\n" in result.stdout
+    assert f"\n  MQTT account: {USER_A}\n" in result.stdout
+
+    # The port is the broker's listener, or the one published for its container.
+    (accounts.parent / "internal.conf").write_text("per_listener_settings false\nlistener 12345\n")
+    assert "\n  port: 12345\n" in meter_account(accounts, "add", METER_A, "pw1").stdout
+    published = meter_account(accounts, "add", METER_A, "pw1", env={"KPM33B_METER_PORT": "1884"})
+    assert "\n  port: 1884\n" in published.stdout

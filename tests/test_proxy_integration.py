@@ -238,7 +238,7 @@ def test_meter_goes_offline_after_silence_and_online_again(tmp_path, internal_br
     ({"central_broker": {"host": "127.0.0.1"}}, 0),  # the one key a configuration must set
 ])
 def test_check_config_reports_problems_with_exit_code_two(tmp_path, document, code):
-    path = write_config(tmp_path, document)
+    path = write_config(tmp_path, {"central_broker": {"host": "127.0.0.1"}, **document})
     result = subprocess.run([sys.executable, str(ROOT / "kpm33b_proxy.py"), "--config", str(path), "--check-config"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == code
