@@ -83,10 +83,16 @@ class PublishWindow(Generic[T]):
         self._handed: dict[int, tuple[float, T]] = {}  # message id → (handed or reconnected at, item)
         self._early: dict[int, tuple[float, Any]] = {}  # message id → (when, reason code): PUBACK before the id
         self._reserved = 0  # places taken by messages being published right now
+        self._settling = 0  # answered, their ``settle`` still running: not done yet (see ``__len__``)
 
     def __len__(self) -> int:
-        """How many places are taken: handed over and unanswered, or being published."""
-        return len(self._handed) + self._reserved
+        """How many places are taken: being published, handed over and unanswered, or being settled.
+
+        A message counts until its ``settle`` has returned, so that a drain
+        that waits for zero also waits for what settling does (the proxy
+        acknowledges the raw reading there, before it disconnects).
+        """
+        return len(self._handed) + self._reserved + self._settling
 
     def reserve(self, wanted: int) -> int:
         """Take up to ``wanted`` places for messages about to be handed over; how many were taken."""
@@ -117,8 +123,8 @@ class PublishWindow(Generic[T]):
             if early is _UNKNOWN:
                 self._handed[info.mid] = (self._clock(), item)
                 return
-        self._on_room()
-        self._settle(item, refusal(early[1]))  # type: ignore[index]
+            self._settling += 1
+        self._settled(item, refusal(early[1]))  # type: ignore[index]
 
     def answered(self, mid: int, reason_code: Any) -> None:
         """The broker's PUBACK for ``mid`` (paho's ``on_publish``)."""
@@ -127,8 +133,17 @@ class PublishWindow(Generic[T]):
             if entry is None:  # publish() has not returned this id yet: hand_over settles it
                 self._early[mid] = (self._clock(), reason_code)
                 return
-        self._on_room()
-        self._settle(entry[1], refusal(reason_code))
+            self._settling += 1
+        self._settled(entry[1], refusal(reason_code))
+
+    def _settled(self, item: T, refused: str | None) -> None:
+        """Settle one answered message, then free its place."""
+        try:
+            self._settle(item, refused)
+        finally:
+            with self._lock:
+                self._settling -= 1
+            self._on_room()
 
     def reconnected(self) -> None:
         """A new connection: paho sends the unanswered messages again, their wait starts anew."""
@@ -149,10 +164,9 @@ class PublishWindow(Generic[T]):
                 del self._handed[mid]
             for mid in [mid for mid, (at, _reason) in self._early.items() if at < limit]:
                 del self._early[mid]  # an answer for an id that was never handed over (paho's own use)
+            self._settling += len(lost)
         for _mid, item in lost:
-            self._settle(item, EXPIRED)
-        if lost:
-            self._on_room()
+            self._settled(item, EXPIRED)
         return len(lost)
 
 

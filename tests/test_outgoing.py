@@ -176,3 +176,17 @@ def test_a_skipped_message_is_not_published_and_frees_its_place() -> None:
     assert subject.drain(2.0)
     assert settled == [("small", None)]
     subject.stop()
+
+
+def test_a_message_counts_until_its_settling_is_done() -> None:
+    # A drain waiting for an empty window must also wait for what settling does
+    # (the proxy releases the raw reading there, before it disconnects).
+    seen: list[int] = []
+    subject: PublishWindow[str] = PublishWindow(lambda _item, _refused: seen.append(len(subject)), size=3)
+    subject.reserve(1)
+    subject.hand_over("a", lambda: Info(1))
+
+    subject.answered(1, ACCEPTED)
+
+    assert seen == [1]
+    assert len(subject) == 0
