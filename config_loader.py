@@ -102,6 +102,8 @@ class DeviceSettings:
     # and Home Assistant entities, in canonical order.
     per_phase: tuple[str, ...] = ()
     max_power_kw: float | None = None
+    # Whether this meter's minutes payload carries its exported energy (fygsz); None: meters.export_energy.
+    export_energy: bool | None = None
 
 
 # A rise of the energy counter faster than this power is taken for a glitch
@@ -123,6 +125,8 @@ class MeterSettings:
     clock_sync: bool = True
     exclude: frozenset[str] = frozenset()
     max_power_kw: float = DEFAULT_MAX_POWER_KW
+    # Solar installations: the minutes payload adds active_energy_export (the meter's fygsz).
+    export_energy: bool = False
     devices: Mapping[str, DeviceSettings] = field(default_factory=lambda: MappingProxyType({}))
 
     def seconds_interval(self, meter_id: str) -> int:
@@ -145,6 +149,13 @@ class MeterSettings:
         if device is not None and device.max_power_kw is not None:
             return device.max_power_kw
         return self.max_power_kw
+
+    def exports_energy(self, meter_id: str) -> bool:
+        """Whether a meter's minutes payload carries its exported energy: its override, else the default."""
+        device = self.devices.get(meter_id)
+        if device is not None and device.export_energy is not None:
+            return device.export_energy
+        return self.export_energy
 
     def device_name(self, meter_id: str) -> str:
         """The friendly name of a meter, ``KPM33B <id>`` unless configured."""
@@ -493,6 +504,7 @@ def _read_meters(section: _Section) -> MeterSettings:
         "clock_sync": section.get("clock_sync", _boolean, defaults.clock_sync),
         "exclude": section.get("exclude", meter_id_list, frozenset()),
         "max_power_kw": section.get("max_power_kw", max_power, defaults.max_power_kw),
+        "export_energy": section.get("export_energy", _boolean, defaults.export_energy),
     }
     devices_section = section.section("devices")
     devices: dict[str, DeviceSettings] = {}
@@ -513,6 +525,7 @@ def _read_meters(section: _Section) -> MeterSettings:
             upload_frequency_minutes=device.get("upload_frequency_minutes", minutes, None),
             per_phase=device.get("per_phase", _per_phase, ()),
             max_power_kw=device.get("max_power_kw", max_power, None),
+            export_energy=device.get("export_energy", _boolean, None),
         )
         device.finish()
     section.finish()

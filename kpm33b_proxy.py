@@ -153,6 +153,12 @@ def max_power_by_meter(meters: MeterSettings) -> dict[str, float]:
             if device.max_power_kw is not None}
 
 
+def export_by_meter(meters: MeterSettings) -> dict[str, bool]:
+    """The meters whose ``export_energy`` overrides the default (``meters.export_energy``)."""
+    return {meter_id: device.export_energy for meter_id, device in meters.devices.items()
+            if device.export_energy is not None}
+
+
 def stats_payload(counters: Mapping[str, int], drops: Mapping[str, int], queue_depth: int, meters: int,
                   uptime_seconds: float) -> dict[str, object]:
     """The retained ``<main>/bridge/stats`` document."""
@@ -204,7 +210,8 @@ class Proxy:
         self.memory = MeterMemory()
         self.processor = MeterDataProcessor(
             excluded=config.meters.exclude, memory=self.memory, per_phase=per_phase_by_meter(config.meters),
-            max_power_kw=config.meters.max_power_kw, max_power_by_meter=max_power_by_meter(config.meters))
+            max_power_kw=config.meters.max_power_kw, max_power_by_meter=max_power_by_meter(config.meters),
+            export_energy=config.meters.export_energy, export_by_meter=export_by_meter(config.meters))
         self._guard_warned: dict[str, float] = {}  # meter id → when its last energy warning was logged
         self.availability = MeterAvailability(*silence_limits(config.meters))
         self.journal = EnergyJournal(state_dir)
@@ -382,7 +389,7 @@ class Proxy:
     def apply_config(self, new: Config) -> None:
         """Take a reloaded configuration into use without a restart and without losing a reading.
 
-        Names, exclusions, per-phase groups, power limits, intervals (silence
+        Names, exclusions, per-phase groups, exported energy, power limits, intervals (silence
         limits), the Home Assistant settings, the log level and the stats
         interval apply at once; broker connections and topic names only at
         the next start (a WARNING says so). Called from the main thread; the
@@ -404,6 +411,8 @@ class Proxy:
         processor.per_phase = per_phase_by_meter(meters)
         processor.max_power_kw = meters.max_power_kw
         processor.max_power_by_meter = max_power_by_meter(meters)
+        processor.export_by_meter = export_by_meter(meters)
+        processor.export_energy = meters.export_energy
         processor.excluded = meters.exclude
         self.availability.set_limits(*silence_limits(meters))
         for meter_id in newly_excluded:
