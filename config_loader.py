@@ -182,11 +182,16 @@ class LoggingSettings:
     level: str = "INFO"
 
 
+# Above this many meters the retained device list (about 200 bytes per meter) is not published.
+DEFAULT_DEVICE_LIST_MAX_METERS = 10_000
+
+
 @dataclass(frozen=True)
 class HealthSettings:
-    """How often the daemons publish and log their counters."""
+    """How often the daemons publish and log their counters; how large the device list may grow."""
 
     stats_interval_seconds: int = 60
+    device_list_max_meters: int = DEFAULT_DEVICE_LIST_MAX_METERS
 
 
 @dataclass(frozen=True)
@@ -405,6 +410,18 @@ def _read_homeassistant(section: _Section) -> HomeAssistantSettings:
     return settings
 
 
+def _read_health(section: _Section) -> HealthSettings:
+    defaults = HealthSettings()
+    settings = HealthSettings(
+        stats_interval_seconds=section.get("stats_interval_seconds", _integer(1, 86400),
+                                           defaults.stats_interval_seconds),
+        device_list_max_meters=section.get("device_list_max_meters", _integer(0, 1_000_000),
+                                           defaults.device_list_max_meters),
+    )
+    section.finish()
+    return settings
+
+
 def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise _Invalid("one of " + ", ".join(LOG_LEVELS))
@@ -553,7 +570,7 @@ def parse_config(raw: object, environ: Mapping[str, str]) -> Config:
         meters=_read_meters(root.section("meters")),
         logging=_read_topics(root.section("logging"), LoggingSettings(), _log_level),
         homeassistant=_read_homeassistant(root.section("homeassistant")),
-        health=_read_topics(root.section("health"), HealthSettings(), _integer(1, 86400)),
+        health=_read_health(root.section("health")),
     )
     root.finish()
     if problems:

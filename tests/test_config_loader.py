@@ -884,3 +884,10 @@ def test_export_energy_that_is_not_a_boolean_is_a_problem() -> None:
         "meters.export_energy: 'yes' is not allowed; expected true or false",
         f"meters.devices.{METER}.export_energy: 1 is not allowed; expected true or false",
     ]
+
+
+def test_device_list_max_meters_defaults_to_10000_and_is_validated() -> None:
+    assert Config().health.device_list_max_meters == 10_000
+    assert parse("health: {device_list_max_meters: 0}").health.device_list_max_meters == 0
+    assert problems("health: {device_list_max_meters: -1}") == [
+        "health.device_list_max_meters: -1 is not allowed; expected an integer from 0 to 1000000"]
