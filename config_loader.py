@@ -102,6 +102,8 @@ class DeviceSettings:
     # and Home Assistant entities, in canonical order.
     per_phase: tuple[str, ...] = ()
     max_power_kw: float | None = None
+    # Whether this meter's minutes payload carries its exported energy (fygsz); None: meters.export_energy.
+    export_energy: bool | None = None
 
 
 # A rise of the energy counter faster than this power is taken for a glitch
@@ -123,6 +125,8 @@ class MeterSettings:
     clock_sync: bool = True
     exclude: frozenset[str] = frozenset()
     max_power_kw: float = DEFAULT_MAX_POWER_KW
+    # Solar installations: the minutes payload adds active_energy_export (the meter's fygsz).
+    export_energy: bool = False
     devices: Mapping[str, DeviceSettings] = field(default_factory=lambda: MappingProxyType({}))
 
     def seconds_interval(self, meter_id: str) -> int:
@@ -145,6 +149,13 @@ class MeterSettings:
         if device is not None and device.max_power_kw is not None:
             return device.max_power_kw
         return self.max_power_kw
+
+    def exports_energy(self, meter_id: str) -> bool:
+        """Whether a meter's minutes payload carries its exported energy: its override, else the default."""
+        device = self.devices.get(meter_id)
+        if device is not None and device.export_energy is not None:
+            return device.export_energy
+        return self.export_energy
 
     def device_name(self, meter_id: str) -> str:
         """The friendly name of a meter, ``KPM33B <id>`` unless configured."""
@@ -171,11 +182,16 @@ class LoggingSettings:
     level: str = "INFO"
 
 
+# Above this many meters the retained device list (about 200 bytes per meter) is not published.
+DEFAULT_DEVICE_LIST_MAX_METERS = 10_000
+
+
 @dataclass(frozen=True)
 class HealthSettings:
-    """How often the daemons publish and log their counters."""
+    """How often the daemons publish and log their counters; how large the device list may grow."""
 
     stats_interval_seconds: int = 60
+    device_list_max_meters: int = DEFAULT_DEVICE_LIST_MAX_METERS
 
 
 @dataclass(frozen=True)
@@ -394,6 +410,18 @@ def _read_homeassistant(section: _Section) -> HomeAssistantSettings:
     return settings
 
 
+def _read_health(section: _Section) -> HealthSettings:
+    defaults = HealthSettings()
+    settings = HealthSettings(
+        stats_interval_seconds=section.get("stats_interval_seconds", _integer(1, 86400),
+                                           defaults.stats_interval_seconds),
+        device_list_max_meters=section.get("device_list_max_meters", _integer(0, 1_000_000),
+                                           defaults.device_list_max_meters),
+    )
+    section.finish()
+    return settings
+
+
 def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise _Invalid("one of " + ", ".join(LOG_LEVELS))
@@ -493,6 +521,7 @@ def _read_meters(section: _Section) -> MeterSettings:
         "clock_sync": section.get("clock_sync", _boolean, defaults.clock_sync),
         "exclude": section.get("exclude", meter_id_list, frozenset()),
         "max_power_kw": section.get("max_power_kw", max_power, defaults.max_power_kw),
+        "export_energy": section.get("export_energy", _boolean, defaults.export_energy),
     }
     devices_section = section.section("devices")
     devices: dict[str, DeviceSettings] = {}
@@ -513,6 +542,7 @@ def _read_meters(section: _Section) -> MeterSettings:
             upload_frequency_minutes=device.get("upload_frequency_minutes", minutes, None),
             per_phase=device.get("per_phase", _per_phase, ()),
             max_power_kw=device.get("max_power_kw", max_power, None),
+            export_energy=device.get("export_energy", _boolean, None),
         )
         device.finish()
     section.finish()
@@ -540,7 +570,7 @@ def parse_config(raw: object, environ: Mapping[str, str]) -> Config:
         meters=_read_meters(root.section("meters")),
         logging=_read_topics(root.section("logging"), LoggingSettings(), _log_level),
         homeassistant=_read_homeassistant(root.section("homeassistant")),
-        health=_read_topics(root.section("health"), HealthSettings(), _integer(1, 86400)),
+        health=_read_health(root.section("health")),
     )
     root.finish()
     if problems:

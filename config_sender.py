@@ -7,9 +7,11 @@ late, garbage; when to retry; does this clock need setting) are made by the
 pure ``command_tracking.CommandTracker``. This module is the imperative shell
 around it:
 
-- two MQTT clients: the central one discovers meters (``<main>/+/availability``,
-  ``…/seconds``, ``…/minutes``), the internal one publishes commands and
-  receives the meters' replies;
+- two MQTT clients: the central one discovers meters (the proxy's retained
+  device list ``<main>/bridge/devices`` first, then ``<main>/+/availability``,
+  ``…/seconds``, ``…/minutes``: the per-meter topics are the fall-back when
+  the list is not published, and bring the live readings), the internal one
+  publishes commands and receives the meters' replies;
 - paho's callbacks never wait: they put an event on a queue and return. One
   worker thread owns the tracker, takes events off the queue, sleeps until the
   next reply deadline (one heap, not one timer per command) and publishes;
@@ -69,10 +71,18 @@ from daemon import (
     RateLimitedLog,
     log_lines_dropped,
 )
+from fleet import parse_device_list
 from mqtt_client import ConnectionReporter, connect_in_background, make_client, network_thread_alive, refusal
 from outgoing import EXPIRED, PublishWindow
 from sd_notify import SystemdNotifier
-from topics import AVAILABILITY, meter_subscriptions, parse_meter_topic, parse_state, sender_stats_topic
+from topics import (
+    AVAILABILITY,
+    bridge_devices_topic,
+    meter_subscriptions,
+    parse_meter_topic,
+    parse_state,
+    sender_stats_topic,
+)
 
 logger = logging.getLogger("config_sender")
 
@@ -214,6 +224,8 @@ class ConfigSender:
         self._started_at = time.monotonic()
         self._stats_due = self._started_at + config.health.stats_interval_seconds
         self._stats_topic = sender_stats_topic(config.central_broker_topics.external_main_topic)
+        self._devices_topic = bridge_devices_topic(config.central_broker_topics.external_main_topic)
+        self._device_list_rejected = 0  # entries of the device list that were not valid (worker only)
         # The signature of the file last loaded: a change notice for the same file is not a change.
         self._config_signature = file_signature(config_path) if config_path else None
         self._watcher = (ConfigWatcher(config_path, lambda: self._queue.put(_ConfigFileChanged()), log=logger)
@@ -352,9 +364,11 @@ class ConfigSender:
             return
         logger.info("connected to the central broker %s:%d", self._config.central_broker.host,
                     self._config.central_broker.port)
-        # Subscribing on every connect makes a reconnect invisible.
+        # Subscribing on every connect makes a reconnect invisible. The device list first: the broker
+        # sends retained messages in the order of the filters, so a per-client queue limit cuts short
+        # the per-meter topics, never the one message that names every meter.
         main = self._config.central_broker_topics.external_main_topic
-        client.subscribe([(topic, 1) for topic in meter_subscriptions(main)])
+        client.subscribe([(topic, 1) for topic in (self._devices_topic, *meter_subscriptions(main))])
 
     def _on_internal_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                              properties: Any) -> None:
@@ -508,7 +522,29 @@ class ConfigSender:
             if self._notifier is not None:
                 self._notifier.ready(status=self._status_text())
 
+    def _handle_device_list(self, item: _CentralMessage) -> None:
+        """The proxy's device list: every meter in it is discovered, as from its retained availability.
+
+        A snapshot, never a sign of life: an ``online`` in it counts as
+        retained (it discovers, and ends an ``offline``, but does not
+        refresh when the meter was last heard).
+        """
+        if not item.payload:
+            return  # cleared: too many meters for a list, or none published yet
+        entries, bad = parse_device_list(item.payload)
+        if bad:
+            self._device_list_rejected += bad
+            self._rejections.warning("bad_device_list", "rejected %d entries of the device list on %s (not a "
+                                     "JSON array of meters with a valid id and availability)", bad, item.topic)
+        now = time.monotonic()
+        for meter_id, state in entries:
+            for event in self._tracker.observe_availability(meter_id, state, now, retained=True):
+                self._log_event(event)
+
     def _handle_central_message(self, item: _CentralMessage) -> None:
+        if item.topic == self._devices_topic:
+            self._handle_device_list(item)
+            return
         main = self._config.central_broker_topics.external_main_topic
         topic = parse_meter_topic(main, item.topic)
         if topic is None:
@@ -666,6 +702,7 @@ class ConfigSender:
 
     def _stats(self, now: float) -> dict[str, object]:
         return {**self._tracker.counters(), "meters": len(self._tracker.known_meters()),
+                "device_list_rejected": self._device_list_rejected,
                 "log_lines_dropped": log_lines_dropped(), "uptime_seconds": round(now - self._started_at)}
 
     def _publish_stats(self, now: float) -> mqtt.MQTTMessageInfo | None:

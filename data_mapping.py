@@ -17,7 +17,10 @@ here, where it can be tested exhaustively:
   its ``max_power_kw``, is held back until the meter's next readings show
   whether it was a glitch (dropped) or real (a counter reset, or a real jump:
   forwarded in order), so that a consumer such as Home Assistant's Energy
-  dashboard never books a phantom reset or phantom consumption.
+  dashboard never books a phantom reset or phantom consumption;
+- the exported energy (``fygsz``, for the meters that ask for it) has a
+  floor of its own: a value below it is published as ``null`` until
+  ``RESET_READINGS`` readings in a row confirm a new count.
 
 See doc/data_mapping.md for the mapping table.
 """
@@ -34,6 +37,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from topics import MINUTES, SECONDS, is_valid_meter_id
 
@@ -51,6 +55,10 @@ PER_PHASE_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 PER_PHASE_GROUPS = tuple(PER_PHASE_FIELDS)
 BASE_TAGS = frozenset(tag for tag, _name in VALUE_TAGS.values())
+
+# The exported energy (kWh, solar installations), asked for per meter
+# (meters.export_energy, meters.devices.<id>.export_energy): added to that meter's MINUTES payload.
+EXPORT_TAG, EXPORT_FIELD = "fygsz", "active_energy_export"
 
 METER_TIME_PATTERN = re.compile(r"[0-9]{14}")
 MAX_PAYLOAD_BYTES = 16 * 1024  # meters send well under 1 KB; JSON parsing is the costly step
@@ -169,12 +177,13 @@ def iso_time(meter_time: str) -> str:
 
 
 def clean_payload(kind: str, meter_id: str, meter_time: str, values: dict[str, float],
-                  per_phase: Iterable[str] = ()) -> dict[str, object]:
+                  per_phase: Iterable[str] = (), export: bool = False) -> dict[str, object]:
     """The clean reading: id, ISO time and the one value; a missing tag is ``None``.
 
     ``per_phase`` groups (see PER_PHASE_FIELDS) add their fields to a SECONDS
-    reading, only for the meters that ask for them: the others keep the
-    minimal payload that existing consumers parse.
+    reading, and ``export`` the exported energy to a MINUTES reading, only
+    for the meters that ask for them: the others keep the minimal payload
+    that existing consumers parse.
     """
     tag, name = VALUE_TAGS[kind]
     payload: dict[str, object] = {"id": meter_id, "time": iso_time(meter_time), name: values.get(tag)}
@@ -182,7 +191,41 @@ def clean_payload(kind: str, meter_id: str, meter_time: str, values: dict[str, f
         for group in per_phase:
             for phase_tag, field in PER_PHASE_FIELDS[group]:
                 payload[field] = values.get(phase_tag)
+    elif export:
+        payload[EXPORT_FIELD] = values.get(EXPORT_TAG)
     return payload
+
+
+class ExportFloor(NamedTuple):
+    """The exported-energy guard's memory of one meter.
+
+    ``value``: the last exported energy published; ``low`` and ``run``: the
+    last of the readings in a row below it, and how many there were.
+    """
+
+    value: float
+    low: float | None = None
+    run: int = 0
+
+
+def guard_export(floor: ExportFloor | None, value: float | None) -> tuple[float | None, ExportFloor | None]:
+    """The exported energy to publish (``None``: withheld) and the floor after it.
+
+    Kept simpler than the import guard, which holds whole readings: the
+    exported counter never steps back. A value below the floor is withheld
+    (the reading still goes, with ``null``), unless it is the
+    ``RESET_READINGS``-th in a row below the floor, each at least the one
+    before: then it is a counter reset, published, and the new floor. A
+    missing or negative value is withheld and changes nothing.
+    """
+    if value is None or value < 0:
+        return None, floor
+    if floor is None or value >= floor.value:
+        return value, ExportFloor(value)
+    run = floor.run + 1 if floor.low is not None and value >= floor.low else 1
+    if run >= RESET_READINGS:
+        return value, ExportFloor(value)
+    return None, ExportFloor(floor.value, value, run)
 
 
 def encode_payload(payload: dict[str, object]) -> bytes:
@@ -294,13 +337,15 @@ def _meter_time_problem(text: str) -> str | None:
     return None
 
 
-ALL_MAPPED_TAGS = BASE_TAGS | frozenset(tag for fields in PER_PHASE_FIELDS.values() for tag, _ in fields)
+ALL_MAPPED_TAGS = (BASE_TAGS | frozenset(tag for fields in PER_PHASE_FIELDS.values() for tag, _ in fields)
+                   | {EXPORT_TAG})
 
 
-@functools.lru_cache(maxsize=64)
-def mapped_tags_for(per_phase: tuple[str, ...]) -> frozenset[str]:
-    """The tags the mapping reads for a meter with these per-phase groups."""
-    return BASE_TAGS | frozenset(tag for group in per_phase for tag, _name in PER_PHASE_FIELDS[group])
+@functools.lru_cache(maxsize=128)
+def mapped_tags_for(per_phase: tuple[str, ...], export: bool = False) -> frozenset[str]:
+    """The tags the mapping reads for a meter with these per-phase groups (and its exported energy)."""
+    tags = BASE_TAGS | frozenset(tag for group in per_phase for tag, _name in PER_PHASE_FIELDS[group])
+    return tags | {EXPORT_TAG} if export else tags
 
 
 def is_all_zero(values: dict[str, float]) -> bool:
@@ -387,7 +432,7 @@ class _MeterRecord:
     record costs its slots and the energy's float.
     """
 
-    __slots__ = ("energy", "energy_time", "held", "last_minutes", "last_seconds")
+    __slots__ = ("energy", "energy_time", "export", "held", "last_minutes", "last_seconds")
 
     def __init__(self) -> None:
         self.last_seconds: str | None = None
@@ -395,6 +440,7 @@ class _MeterRecord:
         self.energy: float | None = None
         self.energy_time: str | None = None  # the meter time of the reading that carried ``energy``
         self.held: _Held | None = None
+        self.export: ExportFloor | None = None  # only for the meters that publish their exported energy
 
 
 class MeterMemory:
@@ -492,23 +538,32 @@ class MeterDataProcessor:
     ``per_phase`` maps a meter id to the per-phase groups its SECONDS
     payload carries (see ``clean_payload``). ``max_power_kw`` is the energy
     guard's limit, ``max_power_by_meter`` its per-meter overrides.
+    ``export_energy`` says whether MINUTES payloads carry the exported
+    energy, ``export_by_meter`` its per-meter overrides.
     """
 
     def __init__(self, excluded: Iterable[str] = (), memory: MeterMemory | None = None,
                  assembler: PacketAssembler | None = None,
                  per_phase: Mapping[str, tuple[str, ...]] | None = None,
                  max_power_kw: float = DEFAULT_MAX_POWER_KW,
-                 max_power_by_meter: Mapping[str, float] | None = None) -> None:
+                 max_power_by_meter: Mapping[str, float] | None = None,
+                 export_energy: bool = False, export_by_meter: Mapping[str, bool] | None = None) -> None:
         self.excluded = frozenset(excluded)
         self.per_phase = dict(per_phase or {})
         self.max_power_kw = max_power_kw
         self.max_power_by_meter = dict(max_power_by_meter or {})
+        self.export_energy = export_energy
+        self.export_by_meter = dict(export_by_meter or {})
         self.memory = memory if memory is not None else MeterMemory()
         self.assembler = assembler if assembler is not None else PacketAssembler()
         self.drops: Counter[str] = Counter()
 
+    def exports(self, meter_id: str) -> bool:
+        """Whether a meter's MINUTES payload carries its exported energy."""
+        return self.export_by_meter.get(meter_id, self.export_energy)
+
     def _mapped_tags(self, meter_id: str) -> Container[str]:
-        return mapped_tags_for(self.per_phase.get(meter_id, ()))
+        return mapped_tags_for(self.per_phase.get(meter_id, ()), self.exports(meter_id))
 
     def process(self, kind: str, raw: bytes, now: float, redelivered: bool = False,
                 token: object = None) -> Outcome:
@@ -541,7 +596,11 @@ class MeterDataProcessor:
         if reason is not None:
             self.drops[reason] += 1
             return Outcome(meter_id=meter_id, reason=reason)
-        payload = clean_payload(kind, meter_id, packet.time, values, self.per_phase.get(meter_id, ()))
+        export = kind == MINUTES and self.exports(meter_id)
+        payload = clean_payload(kind, meter_id, packet.time, values, self.per_phase.get(meter_id, ()), export)
+        if export:
+            record = self.memory.record(meter_id)
+            payload[EXPORT_FIELD], record.export = guard_export(record.export, values.get(EXPORT_TAG))
         message = CleanMessage(meter_id, kind, packet.time, payload)
         if energy is None:
             self.memory.remember(meter_id, kind, packet.time, None)

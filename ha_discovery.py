@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from config_loader import Config, MeterSettings
-from data_mapping import PER_PHASE_FIELDS
+from data_mapping import EXPORT_FIELD, PER_PHASE_FIELDS
 from topics import (
     MINUTES,
     SECONDS,
@@ -83,6 +83,8 @@ BASE_SENSORS = (
     # guard keeps the stream from ever going backwards.
     Sensor("active_energy", "Active energy", MINUTES, "energy", "total_increasing", "kWh", 3),
 )
+# The Energy dashboard's "Return to grid", for the meters that publish it (meters.export_energy).
+EXPORT_SENSOR = Sensor(EXPORT_FIELD, "Exported energy", MINUTES, "energy", "total_increasing", "kWh", 3)
 
 # Per group: Home Assistant device class, unit and display precision.
 _PER_PHASE_CLASSES: dict[str, tuple[str, str | None, int]] = {
@@ -118,10 +120,11 @@ def per_phase_by_meter(meters: MeterSettings) -> dict[str, tuple[str, ...]]:
 
 
 def sensors(meter_id: str, meters: MeterSettings) -> tuple[Sensor, ...]:
-    """The sensors of one meter: the base two, then its configured per-phase groups."""
+    """The sensors of one meter: the base two, its exported energy, then its configured per-phase groups."""
     device = meters.devices.get(meter_id)
     groups = device.per_phase if device is not None else ()
-    return BASE_SENSORS + tuple(sensor for group in groups for sensor in PER_PHASE_SENSORS[group])
+    export = (EXPORT_SENSOR,) if meters.exports_energy(meter_id) else ()
+    return BASE_SENSORS + export + tuple(sensor for group in groups for sensor in PER_PHASE_SENSORS[group])
 
 
 def origin(origin_url: str | None = None) -> dict[str, str]:

@@ -20,7 +20,9 @@ Thin wiring around the pure ``data_mapping`` module:
   is never handed to paho (the broker would drop the connection for it): it
   is counted as ``too_large``, logged, and the queue moves on;
 - the main thread runs the timers: meters going offline, the energy journal,
-  stats, and the systemd watchdog's heartbeat.
+  stats, the retained device list (``<main>/bridge/devices``: when a meter
+  appears, goes or changes, at most once a second, and with the stats), and
+  the systemd watchdog's heartbeat.
 
 ``<main>/bridge/state`` is ``online`` only while the proxy is subscribed on
 the internal broker and connected to the central one, and ``offline`` (the
@@ -62,6 +64,7 @@ from data_mapping import (
     MeterMemory,
     encode_payload,
 )
+from fleet import device_list, encode_device_list
 from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter
 from mqtt_client import (
     ConnectionReporter,
@@ -81,6 +84,7 @@ from topics import (
     ONLINE,
     SECONDS,
     availability_topic,
+    bridge_devices_topic,
     bridge_state_topic,
     bridge_stats_topic,
     meter_subscription,
@@ -105,6 +109,7 @@ TRIM_INTERVAL_SECONDS = 60.0
 TRIM_AFTER_NEW_METERS = 1_000
 LAST_SEEN_SAVE_SECONDS = 60.0  # a restarted proxy reports a silent meter offline at most this late
 GUARD_WARNING_INTERVAL = 3600.0  # a meter's dropped energy glitches are logged at most this often
+DEVICE_LIST_MIN_INTERVAL = 1.0  # the device list is republished for a change at most this often
 # What each connection loses when the broker speaks only MQTT 3.1.1 (logged once).
 CENTRAL_MQTT311_LOSES = ("cannot report refused publishes (an MQTT 3.1.1 PUBACK carries no reason): a reading its "
                          "ACL refuses counts as forwarded; nor does it announce its limits: a message larger than "
@@ -151,6 +156,12 @@ def max_power_by_meter(meters: MeterSettings) -> dict[str, float]:
     """The energy guard's per-meter power limits, for the meters that override the default."""
     return {meter_id: device.max_power_kw for meter_id, device in meters.devices.items()
             if device.max_power_kw is not None}
+
+
+def export_by_meter(meters: MeterSettings) -> dict[str, bool]:
+    """The meters whose ``export_energy`` overrides the default (``meters.export_energy``)."""
+    return {meter_id: device.export_energy for meter_id, device in meters.devices.items()
+            if device.export_energy is not None}
 
 
 def stats_payload(counters: Mapping[str, int], drops: Mapping[str, int], queue_depth: int, meters: int,
@@ -204,7 +215,8 @@ class Proxy:
         self.memory = MeterMemory()
         self.processor = MeterDataProcessor(
             excluded=config.meters.exclude, memory=self.memory, per_phase=per_phase_by_meter(config.meters),
-            max_power_kw=config.meters.max_power_kw, max_power_by_meter=max_power_by_meter(config.meters))
+            max_power_kw=config.meters.max_power_kw, max_power_by_meter=max_power_by_meter(config.meters),
+            export_energy=config.meters.export_energy, export_by_meter=export_by_meter(config.meters))
         self._guard_warned: dict[str, float] = {}  # meter id → when its last energy warning was logged
         self.availability = MeterAvailability(*silence_limits(config.meters))
         self.journal = EnergyJournal(state_dir)
@@ -237,6 +249,11 @@ class Proxy:
         self.central_reporter = ConnectionReporter(self.central, "central", config.central_broker, log,
                                                    mqtt311_loses=CENTRAL_MQTT311_LOSES)
         self.stats_topic = bridge_stats_topic(self.main_topic)
+        self.devices_topic = bridge_devices_topic(self.main_topic)
+        # Set from any thread when a meter appears, goes or changes; the main thread's tick publishes.
+        self._devices_changed = True
+        self._next_device_list = 0.0
+        self._device_list_too_large = False
         self.availability_subscription = meter_subscription(self.main_topic, AVAILABILITY)
         self._next_stats = self.started_at + config.health.stats_interval_seconds
         self._next_trim = self.started_at + TRIM_INTERVAL_SECONDS
@@ -354,6 +371,7 @@ class Proxy:
                         silence_limit(self.config.meters.seconds_interval(meter_id),
                                       self.config.meters.minutes_interval(meter_id)))
             self._publish_availability(meter_id, OFFLINE)
+            self._devices_changed = True
         with self._state_lock:
             self.journal.flush()
             if self.journal.needs_compaction():
@@ -366,6 +384,9 @@ class Proxy:
         if now >= self._next_stats:
             self._next_stats = now + self.config.health.stats_interval_seconds
             self.publish_stats(now)
+            self.publish_device_list(now)  # last_seen refreshed with the stats
+        elif self._devices_changed and now >= self._next_device_list:
+            self.publish_device_list(now)
         self._trim_heap(now)
 
     def _trim_heap(self, now: float) -> None:
@@ -382,7 +403,7 @@ class Proxy:
     def apply_config(self, new: Config) -> None:
         """Take a reloaded configuration into use without a restart and without losing a reading.
 
-        Names, exclusions, per-phase groups, power limits, intervals (silence
+        Names, exclusions, per-phase groups, exported energy, power limits, intervals (silence
         limits), the Home Assistant settings, the log level and the stats
         interval apply at once; broker connections and topic names only at
         the next start (a WARNING says so). Called from the main thread; the
@@ -404,10 +425,13 @@ class Proxy:
         processor.per_phase = per_phase_by_meter(meters)
         processor.max_power_kw = meters.max_power_kw
         processor.max_power_by_meter = max_power_by_meter(meters)
+        processor.export_by_meter = export_by_meter(meters)
+        processor.export_energy = meters.export_energy
         processor.excluded = meters.exclude
         self.availability.set_limits(*silence_limits(meters))
         for meter_id in newly_excluded:
             self.availability.forget(meter_id)
+        self._devices_changed = True  # names, intervals, exclusions
         if config.logging.level != old.logging.level:
             logging.getLogger().setLevel(config.logging.level)
         if config.health.stats_interval_seconds != old.health.stats_interval_seconds:
@@ -441,6 +465,36 @@ class Proxy:
                 drops[reason] = count
         return stats_payload(self.counters.snapshot(), drops, self.outgoing.depth(), len(self.availability),
                              now - self.started_at)
+
+    def publish_device_list(self, now: float) -> None:
+        """Publish ``<main>/bridge/devices`` (retained), unless there are more meters than it may hold.
+
+        Above ``health.device_list_max_meters`` the list would cost the
+        central broker and every subscriber too much (about 200 bytes per
+        meter): one WARNING, the stale list cleared, and consumers use the
+        per-meter topics instead.
+        """
+        if not self._central_connected:
+            return  # published when connected: a list queued during an outage is stale by then
+        self._devices_changed = False
+        self._next_device_list = now + DEVICE_LIST_MIN_INTERVAL
+        limit = self.config.health.device_list_max_meters
+        if len(self.availability) > limit:
+            if not self._device_list_too_large:
+                self._device_list_too_large = True
+                log.warning("%d meters, more than health.device_list_max_meters (%d): %s is not published "
+                            "(consumers discover meters from their own topics)", len(self.availability), limit,
+                            self.devices_topic)
+                self.queue_publish(self.devices_topic, b"", retain=True)
+            return
+        if self._device_list_too_large:
+            self._device_list_too_large = False
+            log.info("%d meters, within health.device_list_max_meters (%d): publishing %s again",
+                     len(self.availability), limit, self.devices_topic)
+        wall_offset = time.time() - time.monotonic()
+        known = [(meter_id, seen + wall_offset, online) for meter_id, seen, online in self.availability.snapshot()]
+        self.queue_publish(self.devices_topic, encode_device_list(device_list(known, self.config.meters)),
+                           retain=True)
 
     def publish_stats(self, now: float) -> None:
         """Publish the stats (retained) and log them on one line."""
@@ -550,6 +604,7 @@ class Proxy:
                 and self.availability.seen(outcome.meter_id, now):
             log.info("meter %s is online", outcome.meter_id)
             self._publish_availability(outcome.meter_id, ONLINE)
+            self._devices_changed = True
         for event in outcome.events:
             self._log_guard_event(event, now)
         for settled in outcome.settled:  # readings the energy guard held back, now decided: oldest first
@@ -697,6 +752,7 @@ class Proxy:
         self._central_connected = True
         self.outgoing.set_connected(True)
         self._bridge_online = None  # a new connection: publish the state whatever was retained
+        self._devices_changed = True
         self._update_bridge_state()
         for meter_id in self.availability.online():
             self._publish_availability(meter_id, ONLINE)
@@ -716,6 +772,7 @@ class Proxy:
         # of meters from before this start.
         if message.retain and state is not None and topic.meter_id not in self.config.meters.exclude:
             self.availability.restore(topic.meter_id, self.started_at, online=state == ONLINE)
+            self._devices_changed = True
 
     def _on_central_disconnect(self, _client: mqtt.Client, _userdata: Any, flags: Any, reason_code: Any,
                                _properties: Any) -> None:

@@ -76,6 +76,11 @@ def bridge_stats_topic(main_topic: str) -> str:
     return f"{main_topic}/bridge/stats"
 
 
+def bridge_devices_topic(main_topic: str) -> str:
+    """The proxy's retained list of every known meter (``fleet.device_list``)."""
+    return f"{main_topic}/bridge/devices"
+
+
 def sender_stats_topic(main_topic: str) -> str:
     """The config sender's counters, retained."""
     return f"{main_topic}/bridge/config_sender/stats"

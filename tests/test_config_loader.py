@@ -864,3 +864,30 @@ def test_start_up_with_a_valid_file_returns_the_config(tmp_path: Path, capsys: p
     assert config == Config(logging=LoggingSettings(level="WARNING"),
                             central_broker=BrokerSettings(host="127.0.0.1", port=1883, username="ha"))
     assert capsys.readouterr() == ("", "")
+
+
+def test_export_energy_defaults_to_off_and_is_overridden_per_meter() -> None:
+    other = "33B1225950028"
+    config = parse(f'meters: {{export_energy: true, devices: {{"{METER}": {{export_energy: false}}, '
+                   f'"{other}": {{name: Garage}}}}}}')
+
+    assert Config().meters.export_energy is False
+    assert MeterSettings().exports_energy(METER) is False
+    assert config.meters.devices[METER] == DeviceSettings(export_energy=False)
+    assert config.meters.exports_energy(METER) is False
+    assert config.meters.exports_energy(other) is True
+    assert config.meters.exports_energy("33B1225950029") is True
+
+
+def test_export_energy_that_is_not_a_boolean_is_a_problem() -> None:
+    assert problems(f'meters: {{export_energy: "yes", devices: {{"{METER}": {{export_energy: 1}}}}}}') == [
+        "meters.export_energy: 'yes' is not allowed; expected true or false",
+        f"meters.devices.{METER}.export_energy: 1 is not allowed; expected true or false",
+    ]
+
+
+def test_device_list_max_meters_defaults_to_10000_and_is_validated() -> None:
+    assert Config().health.device_list_max_meters == 10_000
+    assert parse("health: {device_list_max_meters: 0}").health.device_list_max_meters == 0
+    assert problems("health: {device_list_max_meters: -1}") == [
+        "health.device_list_max_meters: -1 is not allowed; expected an integer from 0 to 1000000"]

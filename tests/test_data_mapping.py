@@ -32,6 +32,7 @@ from data_mapping import (
     REJECT_OVERSIZED,
     REJECTIONS,
     CleanMessage,
+    ExportFloor,
     GuardEvent,
     MeterDataProcessor,
     MeterMemory,
@@ -42,6 +43,7 @@ from data_mapping import (
     Settled,
     clean_payload,
     encode_payload,
+    guard_export,
     is_all_zero,
     iso_time,
     parse_packet,
@@ -266,6 +268,96 @@ def test_per_phase_groups_do_not_change_the_minutes_payload() -> None:
     processor = MeterDataProcessor(per_phase={METER: PER_PHASE_GROUPS})
 
     assert processor.process(MINUTES, raw(zygsz=56.331, ua=229.0), 0.0) == energy_message(56.331)
+
+
+def export_payloads(processor: MeterDataProcessor, readings: list[tuple[float, float]],
+                    meter_id: str = METER) -> list[dict[str, object] | None]:
+    """The MINUTES payloads forwarded for (import, export) readings, one minute apart (None: not forwarded)."""
+    start = datetime(2026, 1, 12, 17, 0)
+    payloads = []
+    for n, (energy, export) in enumerate(readings):
+        meter_time = (start + timedelta(minutes=n)).strftime("%Y%m%d%H%M%S")
+        outcome = processor.process(MINUTES, raw(meter_id=meter_id, time=meter_time, zygsz=energy, fygsz=export),
+                                    float(n))
+        payloads.append(outcome.message.payload if outcome.message is not None else None)
+    return payloads
+
+
+def test_export_energy_adds_active_energy_export_to_the_minutes_payload_key_by_key() -> None:
+    processor = MeterDataProcessor(export_energy=True)
+
+    outcome = processor.process(MINUTES, raw(zygsz=56.331, fygsz=12.5, zwgsz=0.011), 0.0)
+
+    assert outcome.message is not None
+    assert outcome.message.payload == {
+        "id": METER, "time": "2026-01-12T17:00:00", "active_energy": 56.331, "active_energy_export": 12.5,
+    }
+    assert clean_payload(MINUTES, METER, T1, {"zygsz": 1.0}, export=True) == {
+        "id": METER, "time": "2026-01-12T17:00:00", "active_energy": 1.0, "active_energy_export": None,
+    }
+    assert clean_payload(SECONDS, METER, T1, {"zyggl": 1.0, "fygsz": 2.0}, export=True) == {
+        "id": METER, "time": "2026-01-12T17:00:00", "active_power": 1.0,
+    }
+
+
+def test_export_energy_is_only_for_the_meters_that_ask_and_the_others_keep_their_payload() -> None:
+    processor = MeterDataProcessor(export_energy=False, export_by_meter={OTHER_METER: True})
+
+    assert processor.process(MINUTES, raw(zygsz=56.331, fygsz=12.5), 0.0) == energy_message(56.331)
+    assert export_payloads(processor, [(1.0, 2.0)], OTHER_METER) == [
+        {"id": OTHER_METER, "time": "2026-01-12T17:00:00", "active_energy": 1.0, "active_energy_export": 2.0}]
+    processor = MeterDataProcessor(export_energy=True, export_by_meter={METER: False})
+    assert processor.process(MINUTES, raw(zygsz=56.331, fygsz=12.5), 0.0) == energy_message(56.331)
+
+
+def test_exported_energy_never_steps_back_and_a_lower_value_is_published_as_null() -> None:
+    processor = MeterDataProcessor(export_energy=True)
+
+    payloads = export_payloads(processor, [(10.0, 5.0), (10.1, 5.2), (10.2, 0.0), (10.3, 5.1), (10.4, 5.3)])
+
+    assert [p["active_energy_export"] for p in payloads if p is not None] == [5.0, 5.2, None, None, 5.3]
+    assert [p["active_energy"] for p in payloads if p is not None] == [10.0, 10.1, 10.2, 10.3, 10.4]
+
+
+def test_an_all_zero_reading_with_export_is_dropped_whole() -> None:
+    processor = MeterDataProcessor(export_energy=True)
+
+    assert processor.process(MINUTES, raw(zygsz=0.0, fygsz=0.0), 0.0) == dropped(DROP_ALL_ZERO)
+
+
+def test_a_non_numeric_exported_energy_rejects_the_packet_only_for_meters_that_export() -> None:
+    exporting = MeterDataProcessor(export_energy=True)
+    other = MeterDataProcessor()
+    packet = b'{"id":"33B1225950027","zygsz":1.0,"fygsz":"n/a","time":"20260112170000","isend":"1"}'
+
+    assert exporting.process(MINUTES, packet, 0.0).reason == REJECT_BAD_VALUE
+    assert other.process(MINUTES, packet, 0.0) == energy_message(1.0)
+
+
+@pytest.mark.parametrize(("floor", "value", "expected"), [
+    (None, 3.0, (3.0, ExportFloor(3.0))),
+    (None, None, (None, None)),
+    (ExportFloor(3.0), None, (None, ExportFloor(3.0))),
+    (ExportFloor(3.0), -1.0, (None, ExportFloor(3.0))),
+    (ExportFloor(3.0), 3.0, (3.0, ExportFloor(3.0))),
+    (ExportFloor(3.0), 4.0, (4.0, ExportFloor(4.0))),
+    (ExportFloor(3.0), 0.5, (None, ExportFloor(3.0, 0.5, 1))),
+    (ExportFloor(3.0, 0.5, 1), 0.6, (None, ExportFloor(3.0, 0.6, 2))),
+    (ExportFloor(3.0, 0.6, 2), 0.5, (None, ExportFloor(3.0, 0.5, 1))),  # fell again: not a steady new count
+    (ExportFloor(3.0, 0.6, 2), 0.7, (0.7, ExportFloor(0.7))),  # the third in a row: a counter reset
+    (ExportFloor(3.0, 0.6, 2), 3.5, (3.5, ExportFloor(3.5))),  # the old count goes on: the low ones were glitches
+])
+def test_guard_export_rules(floor: ExportFloor | None, value: float | None,
+                            expected: tuple[float | None, ExportFloor | None]) -> None:
+    assert guard_export(floor, value) == expected
+
+
+def test_an_exported_energy_counter_reset_is_published_after_three_steady_readings() -> None:
+    processor = MeterDataProcessor(export_energy=True)
+
+    payloads = export_payloads(processor, [(10.0, 5.0), (10.1, 0.1), (10.2, 0.2), (10.3, 0.3), (10.4, 0.4)])
+
+    assert [p["active_energy_export"] for p in payloads if p is not None] == [5.0, None, None, 0.3, 0.4]
 
 
 def test_parse_packet_returns_every_value_tag_without_the_envelope() -> None:

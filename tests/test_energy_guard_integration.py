@@ -153,3 +153,34 @@ def test_negative_energy_is_rejected_and_an_extra_text_tag_is_ignored(
     assert "energy -5.0 is negative" in proxy.output()
     client.disconnect()
     collector.close()
+
+
+def test_exported_energy_reaches_the_central_broker_for_the_meters_that_ask_and_never_steps_back(
+        tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> None:
+    other = "33B1225950028"
+    config = write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, export_energy=True,
+                                                devices={other: {"export_energy": False}}))
+    collector = Collector(central_broker.port, MINUTES_TOPIC, f"kpm33b/{other}/minutes",
+                          f"homeassistant/sensor/kpm33b_{METER}/active_energy_export/config")
+    proxy = start_proxy(config, central_broker.port)
+    client = publisher(internal_broker.port)
+
+    publish_all(client, [("MQTT_ENY_NOW", json.dumps({"id": METER, "zygsz": 100.0 + n / 10, "fygsz": export,
+                                                      "time": minute(n), "isend": "1"}))
+                         for n, export in enumerate([20.0, 20.5, 0.0, 20.7])]
+                + [("MQTT_ENY_NOW", json.dumps({"id": other, "zygsz": 7.0, "fygsz": 3.0, "time": minute(0),
+                                                "isend": "1"}))])
+
+    wait_for(lambda: len(collector.on(MINUTES_TOPIC)) == 4 and collector.on(f"kpm33b/{other}/minutes"),
+             timeout=15)
+    assert [json.loads(p)["active_energy_export"] for p in collector.on(MINUTES_TOPIC)] == [20.0, 20.5, None, 20.7]
+    assert energies(collector) == [100.0, 100.1, 100.2, 100.3]
+    assert json.loads(collector.on(f"kpm33b/{other}/minutes")[0]) == {
+        "id": other, "time": "2026-01-12T17:00:00", "active_energy": 7.0}
+    config_payload = json.loads(collector.on(
+        f"homeassistant/sensor/kpm33b_{METER}/active_energy_export/config")[0])
+    assert (config_payload["name"], config_payload["device_class"], config_payload["state_class"],
+            config_payload["unit_of_measurement"]) == ("Exported energy", "energy", "total_increasing", "kWh")
+    assert proxy.terminate() == 0
+    client.disconnect()
+    collector.close()

@@ -153,8 +153,32 @@ def test_per_phase_groups_add_one_sensor_per_field_key_by_key() -> None:
                                     expected_config(field, name, kind, device_class, state_class, unit, precision))
 
 
+def test_export_energy_adds_an_exported_energy_sensor_key_by_key() -> None:
+    settings = MeterSettings(export_energy=True)
+    configs = discovery_configs(METER, settings, "kpm33b", "homeassistant")
+    prefix = f"homeassistant/sensor/kpm33b_{METER}/"
+
+    assert list(configs) == [f"{prefix}active_power/config", f"{prefix}active_energy/config",
+                             f"{prefix}active_energy_export/config"]
+    assert_same_keys_and_values(
+        configs[f"{prefix}active_energy_export/config"],
+        expected_config("active_energy_export", "Exported energy", "minutes", "energy", "total_increasing",
+                        "kWh", 3))
+    assert configs[f"{prefix}active_energy_export/config"]["unique_id"] == f"kpm33b_{METER}_active_energy_export"
+
+
+def test_exported_energy_sensor_follows_the_per_meter_setting_and_is_unwanted_without_it() -> None:
+    settings = MeterSettings(export_energy=True, devices=MappingProxyType({OTHER: DeviceSettings(export_energy=False)}))
+
+    assert [c["unique_id"] for c in discovery_configs(OTHER, settings, "kpm33b", "ha").values()] == [
+        f"kpm33b_{OTHER}_active_power", f"kpm33b_{OTHER}_active_energy"]
+    assert is_wanted(METER, "active_energy_export", settings)
+    assert not is_wanted(OTHER, "active_energy_export", settings)
+    assert not is_wanted(METER, "active_energy_export", MeterSettings())
+
+
 def test_every_config_uses_only_keys_and_types_home_assistant_documents() -> None:
-    settings = meters(**{METER: DeviceSettings(name="Heat pump", per_phase=ALL_GROUPS)})
+    settings = meters(**{METER: DeviceSettings(name="Heat pump", per_phase=ALL_GROUPS, export_energy=True)})
     configs = discovery_configs(METER, settings, "kpm33b", "homeassistant", origin_url="https://example.org/x")
     for config in configs.values():
         for key, value in config.items():

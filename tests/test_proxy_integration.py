@@ -128,7 +128,7 @@ def test_garbage_is_rejected_and_every_valid_reading_arrives(proxy, internal_bro
     assert [json.loads(p)["time"] for p in collector.on("kpm33b/33B1225950027/minutes")] == [
         f"{t[0:4]}-{t[4:6]}-{t[6:8]}T{t[8:10]}:{t[10:12]}:{t[12:14]}" for t in times
     ]
-    assert all(topic.startswith("kpm33b/33B1225950027/") or topic == "kpm33b/bridge/state"
+    assert all(topic.startswith("kpm33b/33B1225950027/") or topic in ("kpm33b/bridge/state", "kpm33b/bridge/devices")
                for topic in collector.topics())
     assert proxy.alive()
     client.disconnect()

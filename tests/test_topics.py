@@ -7,6 +7,7 @@ import pytest
 from topics import (
     MeterTopic,
     availability_topic,
+    bridge_devices_topic,
     bridge_state_topic,
     bridge_stats_topic,
     command_topic,
@@ -30,6 +31,8 @@ def test_the_central_tree() -> None:
     assert availability_topic("kpm33b", METER) == "kpm33b/33B1225950027/availability"
     assert bridge_state_topic("kpm33b") == "kpm33b/bridge/state"
     assert bridge_stats_topic("kpm33b") == "kpm33b/bridge/stats"
+    assert bridge_devices_topic("kpm33b") == "kpm33b/bridge/devices"
+    assert bridge_devices_topic("home/energy") == "home/energy/bridge/devices"
     assert sender_stats_topic("kpm33b") == "kpm33b/bridge/config_sender/stats"
     assert meter_subscription("kpm33b", "availability") == "kpm33b/+/availability"
     assert retained_meter_topics("kpm33b", METER) == (
