@@ -6,12 +6,10 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 from broker import Mosquitto, wait_for
-from daemons import Collector, config_dict, publish_all, publisher, start_proxy
+from daemons import Collector, config_dict, publish_all, publisher, start_proxy, write_config
 from payloads import eny_now, minute, rt_data
 
 METER = "33B1225950027"
@@ -19,26 +17,16 @@ OTHER = "33B1225950028"
 NAME_TOPIC = f"homeassistant/sensor/kpm33b_{METER}/active_energy/config"
 
 
-def save(path: Path, document: dict[str, Any]) -> None:
-    """Save as an editor does: a new file renamed over the old one."""
-    temporary = path.with_name(path.name + ".swp")
-    temporary.write_text(yaml.safe_dump(document))
-    os.replace(temporary, path)
-
-
 def device_name(collector: Collector) -> str | None:
     configs = [payload for payload in collector.on(NAME_TOPIC) if payload]
     return json.loads(configs[-1])["device"]["name"] if configs else None
-
-
 
 
 @pytest.fixture
 def setup(tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto):
     document = config_dict(internal_broker.port, central_broker.port,
                            devices={METER: {"name": "Heat pump"}})
-    config = tmp_path / "config.yaml"
-    save(config, document)
+    config = write_config(tmp_path, document, atomic=True)  # saved as an editor does, like every edit here
     return config, document
 
 
@@ -54,7 +42,7 @@ def test_a_rename_exclusion_and_per_phase_take_effect_within_seconds_without_los
 
     document["meters"]["devices"] = {METER: {"name": "Boiler", "per_phase": ["voltage"]}}
     document["meters"]["exclude"] = [OTHER]
-    save(config, document)
+    write_config(config.parent, document, atomic=True)
     # Readings keep flowing while the configuration changes.
     publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(n), 100.0 + n / 100)) for n in range(1, 200)])
 
@@ -82,7 +70,7 @@ def test_a_broker_change_is_a_warning_that_it_takes_effect_at_the_next_start(
     proxy = start_proxy(config)
 
     document["central_broker"]["port"] = central_broker.port + 1
-    save(config, document)
+    write_config(config.parent, document, atomic=True)
 
     wait_for(lambda: "takes effect when the proxy is next started" in proxy.output(), timeout=10)
     line = next(line for line in proxy.output().splitlines() if "next started" in line)
@@ -120,9 +108,7 @@ def test_sighup_reloads_and_the_proxy_goes_on(setup, internal_broker: Mosquitto,
 def test_a_symlinked_configuration_is_reloaded(
         tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto, how: str) -> None:
     document = config_dict(internal_broker.port, central_broker.port, devices={METER: {"name": "Heat pump"}})
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    save(tmp_path / "a" / "config.yaml", document)
+    write_config(tmp_path / "a", document, atomic=True)
     link = tmp_path / "config.yaml"
     link.symlink_to(tmp_path / "a" / "config.yaml")
     collector = Collector(central_broker.port, "homeassistant/#")
@@ -133,9 +119,9 @@ def test_a_symlinked_configuration_is_reloaded(
 
     document["meters"]["devices"] = {METER: {"name": "Boiler"}}
     if how == "edit the target":
-        save(tmp_path / "a" / "config.yaml", document)
+        write_config(tmp_path / "a", document, atomic=True)
     else:
-        save(tmp_path / "b" / "config.yaml", document)
+        write_config(tmp_path / "b", document, atomic=True)
         new_link = tmp_path / "config.yaml.new"
         new_link.symlink_to(tmp_path / "b" / "config.yaml")
         os.replace(new_link, link)  # what `ln -sfn` amounts to
