@@ -1,8 +1,10 @@
-"""Shared pytest fixtures: real brokers on free ports, paths to the captures."""
+"""Shared pytest fixtures: real brokers on free ports, a fake systemd, and nothing a test started outlives it."""
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,9 +15,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from broker import Mosquitto  # noqa: E402
-from daemons import DaemonProcess  # noqa: E402
-
-FIXTURES = ROOT / "tests" / "fixtures"
+from daemons import FakeSystemd, stop_leftovers  # noqa: E402
 
 
 @pytest.fixture
@@ -23,6 +23,7 @@ def internal_broker() -> Iterator[Mosquitto]:
     """An internal (meter-side) broker for one test."""
     broker = Mosquitto().start()
     yield broker
+    stop_leftovers()  # before the broker goes: a client of a broker that is gone waits in vain
     broker.cleanup()
 
 
@@ -31,17 +32,32 @@ def central_broker() -> Iterator[Mosquitto]:
     """A central (consumer-side) broker for one test."""
     broker = Mosquitto().start()
     yield broker
+    stop_leftovers()  # before the broker goes: a client of a broker that is gone waits in vain
     broker.cleanup()
 
 
 @pytest.fixture(autouse=True)
-def kill_leftover_daemons() -> Iterator[None]:
-    """Whatever a test did, no daemon it started outlives it."""
+def nothing_outlives_the_test() -> Iterator[None]:
+    """Whatever a test did, no daemon, simulated meter or MQTT client it started outlives it."""
     yield
-    while DaemonProcess.started:
-        daemon = DaemonProcess.started.pop()
-        if daemon.alive():
-            daemon.kill()
+    stop_leftovers()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A directory with a short path: AF_UNIX socket paths are limited to 107 bytes."""
+    directory = Path(tempfile.mkdtemp(prefix="sdn-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def systemd(socket_dir: Path) -> Iterator[tuple[FakeSystemd, dict[str, str]]]:
+    """A fake systemd notification socket, and the environment that points a service to it."""
+    path = str(socket_dir / "notify")
+    fake = FakeSystemd(path)
+    yield fake, {"NOTIFY_SOCKET": path}
+    fake.close()
 
 
 @pytest.fixture
@@ -49,6 +65,7 @@ def cleanup() -> Iterator[Callable[[Callable[[], object]], None]]:
     """Register a clean-up step; they run in reverse order, even when the test fails."""
     steps: list[Callable[[], object]] = []
     yield steps.append
+    stop_leftovers()  # the steps may stop brokers: nothing of the test may still use them
     for step in reversed(steps):
         try:
             step()

@@ -6,28 +6,18 @@ silence limit is 75 s: these tests wait that long, polling.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from broker import Mosquitto, wait_for
-from daemons import Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+from daemons import Collector, config_dict, publish_all, publisher, start_proxy, write_config
+from payloads import eny_now, minute
 
 HEARD = "33B1225950027"  # heard by the proxy before its restart (known from its state directory)
 RETAINED = "33B1225950028"  # known only from the central broker's retained availability
 LIMIT = 75.0
 
 
-def eny_now(meter_id: str, energy: float) -> str:
-    return json.dumps({"id": meter_id, "zygsz": energy, "fygsz": 0.0, "time": "20260112170000", "isend": "1"})
-
-
-def start_proxy(config: Path, central_port: int) -> DaemonProcess:
-    bridge = Collector(central_port, "kpm33b/bridge/state")
-    daemon = DaemonProcess("kpm33b_proxy.py", config)
-    wait_for(lambda: bridge.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
-    bridge.close()
-    return daemon
 
 
 def test_meters_silent_across_a_restart_go_offline_at_their_limit(
@@ -36,15 +26,15 @@ def test_meters_silent_across_a_restart_go_offline_at_their_limit(
                                                 upload_frequency_seconds=30))
     seeder = publisher(central_broker.port)
     seeder.publish(f"kpm33b/{RETAINED}/availability", "online", qos=1, retain=True).wait_for_publish(10)
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     client = publisher(internal_broker.port)
-    publish_all(client, [("MQTT_ENY_NOW", eny_now(HEARD, 10.0))])
+    publish_all(client, [("MQTT_ENY_NOW", eny_now(HEARD, minute(0), 10.0))])
     states = Collector(central_broker.port, "kpm33b/+/availability")
     wait_for(lambda: states.on(f"kpm33b/{HEARD}/availability")[-1:] == [b"online"], timeout=15)
     last_reading = time.monotonic()
     assert proxy.terminate() == 0
 
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     restarted = time.monotonic()
 
     wait_for(lambda: states.on(f"kpm33b/{HEARD}/availability")[-1:] == [b"offline"]
@@ -67,12 +57,12 @@ def test_a_meter_coming_back_is_an_info_and_online_again(
                                                 upload_frequency_seconds=30))
     seeder = publisher(central_broker.port)
     seeder.publish(f"kpm33b/{RETAINED}/availability", "offline", qos=1, retain=True).wait_for_publish(10)
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     states = Collector(central_broker.port, f"kpm33b/{RETAINED}/availability")
     wait_for(lambda: states.on(f"kpm33b/{RETAINED}/availability") == [b"offline"])
     client = publisher(internal_broker.port)
 
-    publish_all(client, [("MQTT_ENY_NOW", eny_now(RETAINED, 10.0))])
+    publish_all(client, [("MQTT_ENY_NOW", eny_now(RETAINED, minute(0), 10.0))])
 
     wait_for(lambda: states.on(f"kpm33b/{RETAINED}/availability")[-1:] == [b"online"], timeout=15)
     assert proxy.terminate() == 0
@@ -92,7 +82,7 @@ def test_silence_is_counted_from_the_last_reading_kept_in_the_state_directory(
     (state / "last_seen").write_text(f"{HEARD} {time.time() - 60:.0f} online\n")
     states = Collector(central_broker.port, "kpm33b/+/availability")
     started = time.monotonic()
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
 
     wait_for(lambda: states.on(f"kpm33b/{HEARD}/availability")[-1:] == [b"offline"], timeout=40)
 

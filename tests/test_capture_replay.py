@@ -11,22 +11,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 
 import pytest
+from payloads import ENY_NOW_CAPTURES, capture
 
 from data_mapping import DROP_ALL_ZERO, DROP_DUPLICATE, CleanMessage, MeterDataProcessor
 from topics import MINUTES
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENVELOPE = {"id", "time", "isend"}
 ZERO_ONLY_METER = "33B1225950030"
-
-
-def capture(name: str) -> list[tuple[str, bytes]]:
-    """(topic, payload) of each line of a capture."""
-    lines = (FIXTURES / name).read_bytes().splitlines()
-    return [(topic.decode(), payload) for topic, payload in (line.split(b" ", 1) for line in lines if line.strip())]
 
 
 def real_readings(messages: list[tuple[str, bytes]]) -> dict[tuple[str, str], dict[str, object]]:
@@ -54,10 +47,7 @@ def replay(messages: list[tuple[str, bytes]]) -> tuple[list[CleanMessage], Meter
     return forwarded, processor
 
 
-CAPTURES = ["MQTT_ENY_NOW_2026-01-12.log", "MQTT_ENY_NOW_2026-01-17.log"]
-
-
-@pytest.mark.parametrize("name", CAPTURES)
+@pytest.mark.parametrize("name", ENY_NOW_CAPTURES)
 def test_replay_forwards_each_real_reading_exactly_once_with_its_first_values(name: str) -> None:
     messages = capture(name)
     expected = real_readings(messages)
@@ -71,14 +61,14 @@ def test_replay_forwards_each_real_reading_exactly_once_with_its_first_values(na
     assert all(message.kind == MINUTES for message in forwarded)
 
 
-@pytest.mark.parametrize("name", CAPTURES)
+@pytest.mark.parametrize("name", ENY_NOW_CAPTURES)
 def test_replay_forwards_no_zero_reading(name: str) -> None:
     forwarded, _processor = replay(capture(name))
 
     assert [message for message in forwarded if not message.payload["active_energy"]] == []
 
 
-@pytest.mark.parametrize("name", CAPTURES)
+@pytest.mark.parametrize("name", ENY_NOW_CAPTURES)
 def test_replay_energy_of_each_meter_never_decreases(name: str) -> None:
     forwarded, _processor = replay(capture(name))
 
@@ -92,7 +82,7 @@ def test_replay_energy_of_each_meter_never_decreases(name: str) -> None:
         assert energies == sorted(energies)
 
 
-@pytest.mark.parametrize("name", CAPTURES)
+@pytest.mark.parametrize("name", ENY_NOW_CAPTURES)
 def test_replay_forwards_nothing_for_the_meter_that_only_sends_zeros(name: str) -> None:
     forwarded, _processor = replay(capture(name))
 

@@ -20,40 +20,48 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from broker import Mosquitto, wait_for
-from daemons import ROOT, Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+from daemons import (
+    PROXY_SCRIPT,
+    ROOT,
+    SENDER_SCRIPT,
+    Collector,
+    DaemonProcess,
+    config_dict,
+    publish_all,
+    publisher,
+    simulated_meters,
+    start_proxy,
+    write_config,
+)
+from payloads import eny_now, minute
 
 from daemon import NonBlockingStreamHandler, install_signal_handlers
-from tools.meter_simulator import MeterSimulator
 
 METER = "33B1225950027"
 
 
-def eny_now(meter_id: str, minute: int, energy: float) -> str:
-    """A minimal but valid ENY_NOW packet for minute ``minute`` of 2026-01-17."""
-    return json.dumps({"id": meter_id, "zygsz": energy, "fygsz": 0.0,
-                       "time": f"20260117{minute // 60:02d}{minute % 60:02d}00", "isend": "1"})
+JAN_17 = datetime(2026, 1, 17)  # the readings' meter times count minutes from here
 
 
 def test_proxy_survives_sighup_and_keeps_forwarding(tmp_path: Path, internal_broker: Mosquitto,
                                                     central_broker: Mosquitto) -> None:
-    bridge = Collector(central_broker.port, "kpm33b/bridge/state", f"kpm33b/{METER}/minutes")
-    proxy = DaemonProcess("kpm33b_proxy.py", write_config(tmp_path, config_dict(internal_broker.port,
-                                                                                 central_broker.port)))
-    wait_for(lambda: bridge.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
+    readings = Collector(central_broker.port, f"kpm33b/{METER}/minutes")
+    proxy = start_proxy(write_config(tmp_path, config_dict(internal_broker.port, central_broker.port)))
     proxy.process.send_signal(signal.SIGHUP)
     wait_for(lambda: "SIGHUP received" in proxy.output(), timeout=5)
     client = publisher(internal_broker.port)
-    publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, 1, 100.0))])
-    wait_for(lambda: bridge.on(f"kpm33b/{METER}/minutes"), timeout=5)
+    publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(1, JAN_17), 100.0))])
+    wait_for(lambda: readings.on(f"kpm33b/{METER}/minutes"), timeout=5)
     assert proxy.alive()
     assert proxy.terminate() == 0
     client.disconnect()
     client.loop_stop()
-    bridge.close()
+    readings.close()
     assert "Traceback" not in proxy.output()
 
 
@@ -96,58 +104,33 @@ class Stdout:
             os.close(self.read_end)
 
 
-def start_daemon(script: str, config: Path, stdout: Stdout, stderr_path: Path) -> subprocess.Popen[bytes]:
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen([sys.executable, str(ROOT / script), "--config", str(config)],
-                                   stdout=stdout.write_end, stderr=stderr, cwd=config.parent, env=environment)
-    stdout.started()
-    return process
-
-
-def stop_daemon(process: subprocess.Popen[bytes]) -> int:
-    """SIGTERM, and the exit code; killed (and the test failed) if it hangs."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError("the daemon did not exit on SIGTERM") from None
-
-
 @pytest.mark.parametrize("mode", ["unread", "closed"])
 def test_config_sender_keeps_sending_when_nobody_reads_its_stdout(
         mode: str, tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> None:
     """300 meters at DEBUG write about 200 kB of log lines: far more than a pipe holds (64 kB)."""
     meter_ids = [f"33B12261{n:05d}" for n in range(300)]
-    document = config_dict(internal_broker.port, central_broker.port, ack_timeout_seconds=5)
-    document["health"] = {"stats_interval_seconds": 1}
-    config = write_config(tmp_path, document)
-    simulator = MeterSimulator("127.0.0.1", internal_broker.port, meter_ids)
-    simulator.start(cadence=False)
+    config = write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, ack_timeout_seconds=5,
+                                                sections={"health": {"stats_interval_seconds": 1}}))
+    simulator = simulated_meters(internal_broker.port, meter_ids, cadence=False)
     stats = Collector(central_broker.port, "kpm33b/bridge/config_sender/stats")
     stdout = Stdout(mode)
-    process = start_daemon("config_sender.py", config, stdout, tmp_path / "stderr.log")
+    sender = DaemonProcess(SENDER_SCRIPT, config, stdout=stdout.write_end)  # its log file: standard error only
+    stdout.started()
     try:
         wait_for(lambda: stats.on("kpm33b/bridge/config_sender/stats"), timeout=10)
         central = publisher(central_broker.port)
         publish_all(central, [(f"kpm33b/{meter_id}/availability", "online") for meter_id in meter_ids])
         wait_for(lambda: json.loads(stats.on("kpm33b/bridge/config_sender/stats")[-1])["acked"] == 600, timeout=20)
         assert len(simulator.received_commands) == 600
-        assert process.poll() is None
-        assert stop_daemon(process) == 0
+        assert sender.alive()
+        assert sender.terminate() == 0
         central.disconnect()
         central.loop_stop()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         stdout.close()
         stats.close()
         simulator.stop()
-    errors = (tmp_path / "stderr.log").read_text(errors="replace")
+    errors = sender.output()
     assert "Logging error" not in errors and "Traceback" not in errors, errors[:2000]
 
 
@@ -158,24 +141,22 @@ def test_proxy_keeps_forwarding_when_nobody_reads_its_stdout(
     config = write_config(tmp_path, config_dict(internal_broker.port, central_broker.port))
     live = Collector(central_broker.port, "kpm33b/bridge/state", f"kpm33b/{METER}/minutes")
     stdout = Stdout(mode)
-    process = start_daemon("kpm33b_proxy.py", config, stdout, tmp_path / "stderr.log")
+    proxy = DaemonProcess(PROXY_SCRIPT, config, stdout=stdout.write_end)  # its log file: standard error only
+    stdout.started()
     client = publisher(internal_broker.port)
     try:
         wait_for(lambda: live.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
-        publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, 1, 100.0))] * 2000)
-        publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute, 100.0 + minute)) for minute in range(2, 12)])
+        publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(1, JAN_17), 100.0))] * 2000)
+        publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(n, JAN_17), 100.0 + n)) for n in range(2, 12)])
         wait_for(lambda: len(live.on(f"kpm33b/{METER}/minutes")) == 11, timeout=20)
-        assert process.poll() is None
-        assert stop_daemon(process) == 0
+        assert proxy.alive()
+        assert proxy.terminate() == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         stdout.close()
         client.disconnect()
         client.loop_stop()
         live.close()
-    errors = (tmp_path / "stderr.log").read_text(errors="replace")
+    errors = proxy.output()
     assert "Logging error" not in errors and "Traceback" not in errors, errors[:2000]
 
 

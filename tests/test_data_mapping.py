@@ -6,9 +6,9 @@ import json
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
+from payloads import capture_payloads, minute
 
 from data_mapping import (
     DROP_ALL_ZERO,
@@ -51,7 +51,6 @@ from data_mapping import (
 )
 from topics import MINUTES, SECONDS, is_valid_meter_id, reading_topic
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 METER = "33B1225950027"
 OTHER_METER = "33B1225950028"
 THIRD_METER = "33B1225950029"
@@ -59,12 +58,6 @@ T1 = "20260112170000"
 T2 = "20260112171500"
 T3 = "20260112173000"
 T4 = "20260112174500"
-
-
-def capture_payloads(name: str) -> list[bytes]:
-    """The payloads of a capture file (one ``TOPIC PAYLOAD`` a line)."""
-    lines = (FIXTURES / name).read_bytes().splitlines()
-    return [line.split(b" ", 1)[1] for line in lines if line.strip()]
 
 
 def raw(meter_id: object = METER, time: object = T1, isend: object = "1", **values: object) -> bytes:
@@ -1176,11 +1169,6 @@ def test_default_memory_bound_is_200000_meters() -> None:
 
 
 # --- the energy guard ------------------------------------------------------------------
-
-
-def minute(n: int) -> str:
-    """The meter time ``n`` minutes after 2026-01-12 17:00:00."""
-    return (datetime(2026, 1, 12, 17, 0) + timedelta(minutes=n)).strftime("%Y%m%d%H%M%S")
 
 
 def run_energy(processor: MeterDataProcessor, values: list[float], start: int = 0) -> list[Outcome]:

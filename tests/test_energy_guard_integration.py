@@ -8,44 +8,21 @@ it the same across a restart of the proxy at any point.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from broker import Mosquitto, wait_for
-from daemons import Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+from daemons import Collector, config_dict, energies, logged_stats, publish_all, publisher, start_proxy, write_config
+from payloads import eny_now, minute
 
 METER = "33B1225950027"
 MINUTES_TOPIC = f"kpm33b/{METER}/minutes"
 
 
-def minute(n: int) -> str:
-    """The meter time ``n`` minutes after 2026-01-12 17:00:00."""
-    return (datetime(2026, 1, 12, 17, 0) + timedelta(minutes=n)).strftime("%Y%m%d%H%M%S")
 
 
-def eny_now(energy: float, meter_time: str, **extra: object) -> str:
-    """An ENY_NOW packet of METER."""
-    return json.dumps({"id": METER, "zygsz": energy, "fygsz": 0.0, "time": meter_time, "isend": "1", **extra})
 
 
-def start_proxy(config: Path, central_port: int) -> DaemonProcess:
-    """The proxy daemon, once it says ``online`` (forwarding)."""
-    bridge = Collector(central_port, "kpm33b/bridge/state")
-    daemon = DaemonProcess("kpm33b_proxy.py", config)
-    wait_for(lambda: bridge.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
-    bridge.close()
-    return daemon
-
-
-def energies(collector: Collector) -> list[float]:
-    return [json.loads(payload)["active_energy"] for payload in collector.on(MINUTES_TOPIC)]
-
-
-def final_stats(daemon: DaemonProcess) -> dict[str, object]:
-    """The stats the proxy logged last (it logs them when it stops)."""
-    lines = [line for line in daemon.output().splitlines() if " stats: " in line]
-    return json.loads(lines[-1].split(" stats: ", 1)[1])
 
 
 @pytest.fixture
@@ -57,15 +34,15 @@ def config(tmp_path: Path, internal_broker: Mosquitto, central_broker: Mosquitto
 def test_an_implausible_energy_is_never_forwarded_and_does_not_lock_the_meter_out(
         config: Path, internal_broker: Mosquitto, central_broker: Mosquitto, glitch: float) -> None:
     collector = Collector(central_broker.port, MINUTES_TOPIC)
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     client = publisher(internal_broker.port)
 
-    publish_all(client, [("MQTT_ENY_NOW", eny_now(value, minute(n)))
+    publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(n), value))
                          for n, value in enumerate([100.0, glitch, 101.0, 102.0, 103.0])])
 
-    wait_for(lambda: energies(collector) == [100.0, 101.0, 102.0, 103.0], timeout=15)
+    wait_for(lambda: energies(collector, METER) == [100.0, 101.0, 102.0, 103.0], timeout=15)
     assert proxy.terminate() == 0
-    assert final_stats(proxy)["dropped"] == {"implausible_rise": 1}
+    assert logged_stats(proxy.output())["dropped"] == {"implausible_rise": 1}
     warnings = [line for line in proxy.output().splitlines() if "WARNING" in line and "rise faster" in line]
     assert len(warnings) == 1 and METER in warnings[0] and repr(glitch) in warnings[0]
     client.disconnect()
@@ -78,23 +55,23 @@ def test_an_implausible_energy_is_never_forwarded_across_a_restart_at_any_point(
         config: Path, internal_broker: Mosquitto, central_broker: Mosquitto, restart_after: int, how: str) -> None:
     # The proxy is stopped after `restart_after` readings, and a new one goes on.
     collector = Collector(central_broker.port, MINUTES_TOPIC)
-    readings = [eny_now(value, minute(n)) for n, value in enumerate([100.0, 1e9, 101.0, 102.0])]
+    readings = [eny_now(METER, minute(n), value) for n, value in enumerate([100.0, 1e9, 101.0, 102.0])]
     client = publisher(internal_broker.port)
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     publish_all(client, [("MQTT_ENY_NOW", reading) for reading in readings[:restart_after]])
-    wait_for(lambda: energies(collector)[:1] == [100.0], timeout=15)
+    wait_for(lambda: energies(collector, METER)[:1] == [100.0], timeout=15)
     if how == "kill":
         proxy.kill()
     else:
         assert proxy.terminate() == 0
 
     publish_all(client, [("MQTT_ENY_NOW", reading) for reading in readings[restart_after:]])
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
 
-    wait_for(lambda: energies(collector)[-1:] == [102.0], timeout=15)
+    wait_for(lambda: energies(collector, METER)[-1:] == [102.0], timeout=15)
     assert proxy.terminate() == 0
-    assert 1e9 not in energies(collector)
-    assert sorted(set(energies(collector))) == [100.0, 101.0, 102.0]
+    assert 1e9 not in energies(collector, METER)
+    assert sorted(set(energies(collector, METER))) == [100.0, 101.0, 102.0]
     client.disconnect()
     collector.close()
 
@@ -102,22 +79,23 @@ def test_an_implausible_energy_is_never_forwarded_across_a_restart_at_any_point(
 def test_a_counter_reset_is_accepted_after_three_readings_and_survives_a_restart(
         config: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> None:
     collector = Collector(central_broker.port, MINUTES_TOPIC)
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     client = publisher(internal_broker.port)
 
-    publish_all(client, [("MQTT_ENY_NOW", eny_now(value, minute(n)))
+    publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(n), value))
                          for n, value in enumerate([5000.0, 5000.1, 12.0, 12.1, 12.2])])
 
-    wait_for(lambda: energies(collector) == [5000.0, 5000.1, 12.0, 12.1, 12.2], timeout=15)
+    wait_for(lambda: energies(collector, METER) == [5000.0, 5000.1, 12.0, 12.1, 12.2], timeout=15)
     assert proxy.terminate() == 0
     resets = [line for line in proxy.output().splitlines() if "WARNING" in line and "reset" in line]
     assert len(resets) == 1 and METER in resets[0] and "5000.1 kWh" in resets[0] and "12.0 kWh" in resets[0]
     # The new floor was kept: after a restart the new count goes on, the old one is a glitch.
-    proxy = start_proxy(config, central_broker.port)
-    publish_all(client, [("MQTT_ENY_NOW", eny_now(12.3, minute(5))), ("MQTT_ENY_NOW", eny_now(12.4, minute(6)))])
-    wait_for(lambda: energies(collector)[-2:] == [12.3, 12.4], timeout=15)
+    proxy = start_proxy(config)
+    publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(5), 12.3)),
+                         ("MQTT_ENY_NOW", eny_now(METER, minute(6), 12.4))])
+    wait_for(lambda: energies(collector, METER)[-2:] == [12.3, 12.4], timeout=15)
     assert proxy.terminate() == 0
-    assert final_stats(proxy)["dropped"] == {}
+    assert logged_stats(proxy.output())["dropped"] == {}
     client.disconnect()
     collector.close()
 
@@ -125,15 +103,15 @@ def test_a_counter_reset_is_accepted_after_three_readings_and_survives_a_restart
 def test_a_single_low_value_between_normal_ones_is_dropped(
         config: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> None:
     collector = Collector(central_broker.port, MINUTES_TOPIC)
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     client = publisher(internal_broker.port)
 
-    publish_all(client, [("MQTT_ENY_NOW", eny_now(value, minute(n)))
+    publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(n), value))
                          for n, value in enumerate([5000.0, 12.0, 5000.1, 5000.2])])
 
-    wait_for(lambda: energies(collector) == [5000.0, 5000.1, 5000.2], timeout=15)
+    wait_for(lambda: energies(collector, METER) == [5000.0, 5000.1, 5000.2], timeout=15)
     assert proxy.terminate() == 0
-    assert final_stats(proxy)["dropped"] == {"energy_decrease": 1}
+    assert logged_stats(proxy.output())["dropped"] == {"energy_decrease": 1}
     client.disconnect()
     collector.close()
 
@@ -141,15 +119,15 @@ def test_a_single_low_value_between_normal_ones_is_dropped(
 def test_negative_energy_is_rejected_and_an_extra_text_tag_is_ignored(
         config: Path, internal_broker: Mosquitto, central_broker: Mosquitto) -> None:
     collector = Collector(central_broker.port, MINUTES_TOPIC)
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     client = publisher(internal_broker.port)
 
-    publish_all(client, [("MQTT_ENY_NOW", eny_now(-5.0, minute(0))),
-                         ("MQTT_ENY_NOW", eny_now(7.5, minute(1), ver="V1.9"))])
+    publish_all(client, [("MQTT_ENY_NOW", eny_now(METER, minute(0), -5.0)),
+                         ("MQTT_ENY_NOW", eny_now(METER, minute(1), 7.5, ver="V1.9"))])
 
-    wait_for(lambda: energies(collector) == [7.5], timeout=15)
+    wait_for(lambda: energies(collector, METER) == [7.5], timeout=15)
     assert proxy.terminate() == 0
-    assert final_stats(proxy)["dropped"] == {"bad_value": 1}
+    assert logged_stats(proxy.output())["dropped"] == {"bad_value": 1}
     assert "energy -5.0 is negative" in proxy.output()
     client.disconnect()
     collector.close()

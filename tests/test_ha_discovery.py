@@ -13,8 +13,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import payloads
 import pytest
 import yaml
+from payloads import ENY_NOW_CAPTURES, capture_payloads
 
 import config_loader
 import ha_discovery
@@ -28,12 +30,11 @@ from ha_discovery import (
 from topics import MINUTES, SECONDS, discovery_subscription, ha_status_topic, node_id, parse_discovery_topic
 from version import __version__
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 METER = "33B1225950027"
 # The one key a configuration must set; the documents here are about the others.
 CENTRAL: dict[str, Any] = {"central_broker": {"host": "127.0.0.1"}}
 OTHER = "33B1225950028"
-RT_DATA = json.loads((FIXTURES / "MQTT_RT_DATA_2026-01-12.log").read_text().split(" ", 1)[1])
+RT_DATA = json.loads(payloads.RT_DATA)  # the captured reading, decoded
 ALL_GROUPS = ("voltage", "current", "power", "power_factor")
 
 # --- what Home Assistant's documentation allows --------------------------------
@@ -573,9 +574,9 @@ def test_the_energy_forwarded_from_the_real_captures_never_decreases() -> None:
     processor = MeterDataProcessor()
     last: dict[str, float] = {}
     forwarded = 0
-    for name in ("MQTT_ENY_NOW_2026-01-12.log", "MQTT_ENY_NOW_2026-01-17.log"):
-        for line in (FIXTURES / name).read_text().splitlines():
-            outcome = processor.process(MINUTES, line.split(" ", 1)[1].encode(), 0.0)
+    for name in ENY_NOW_CAPTURES:
+        for payload in capture_payloads(name):
+            outcome = processor.process(MINUTES, payload, 0.0)
             if outcome.message is None:
                 continue
             energy = outcome.message.payload["active_energy"]

@@ -16,36 +16,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from broker import Mosquitto, wait_for
-from daemons import ROOT, Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+from broker import wait_for
+from daemons import Collector, config_dict, publish_all, publisher, start_proxy, write_config
+from payloads import RT_DATA, capture, captured_rt_data, eny_now
 
 import config_loader
 from ha_discovery import discovery_configs
 from kpm33b_proxy import Proxy
 
-FIXTURES = ROOT / "tests" / "fixtures"
-RT_DATA = (FIXTURES / "MQTT_RT_DATA_2026-01-12.log").read_text().split(" ", 1)[1].strip()
 METER = "33B1225950027"
 OTHER = "33B1225950028"
 PREFIX = "homeassistant"
 
 
-def rt_data(meter_id: str) -> str:
-    """The real RT_DATA capture, as sent by ``meter_id``."""
-    return json.dumps(dict(json.loads(RT_DATA), id=meter_id))
-
-
-def eny_now(meter_id: str, time_text: str, energy: float) -> str:
-    """A minimal but valid ENY_NOW packet."""
-    return json.dumps({"id": meter_id, "zygsz": energy, "fygsz": 0.0, "time": time_text, "isend": "1"})
-
-
 def config_topic(meter_id: str, object_id: str) -> str:
     return f"{PREFIX}/sensor/kpm33b_{meter_id}/{object_id}/config"
-
-
-def document(internal: Mosquitto, central: Mosquitto, **meters: Any) -> dict[str, Any]:
-    return config_dict(internal.port, central.port, **meters)
 
 
 @contextmanager
@@ -93,7 +78,7 @@ def retained_store(port: int, *filters: str) -> dict[str, bytes]:
 
 
 def test_a_meters_first_reading_creates_its_retained_discovery_configs(tmp_path, internal_broker, central_broker):
-    config_document = document(internal_broker, central_broker)
+    config_document = config_dict(internal_broker.port, central_broker.port)
     live = Collector(central_broker.port, f"{PREFIX}/#", "kpm33b/+/seconds")
     with running_proxy(config_document, tmp_path / "state") as proxy:
         assert live.count("/config") == 0  # nothing before a meter speaks
@@ -110,7 +95,7 @@ def test_a_meters_first_reading_creates_its_retained_discovery_configs(tmp_path,
 
 
 def test_home_assistant_online_republishes_the_configs(tmp_path, internal_broker, central_broker):
-    with running_proxy(document(internal_broker, central_broker), tmp_path / "state"):
+    with running_proxy(config_dict(internal_broker.port, central_broker.port), tmp_path / "state"):
         client = publisher(internal_broker.port)
         publish_all(client, [("MQTT_RT_DATA", RT_DATA)])
         expected = retained_configs(central_broker.port, 2)
@@ -132,21 +117,19 @@ def test_home_assistant_online_republishes_the_configs(tmp_path, internal_broker
 def test_rename_and_restart_changes_the_device_name_and_keeps_the_unique_ids(tmp_path, internal_broker,
                                                                            central_broker):
     """As real processes; one meter only ever sent power, so only the broker remembers it."""
-    bridge = Collector(central_broker.port, "kpm33b/bridge/state")
-    path = write_config(tmp_path, document(internal_broker, central_broker))
-    first = DaemonProcess("kpm33b_proxy.py", path)
-    wait_for(lambda: bridge.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
+    path = write_config(tmp_path, config_dict(internal_broker.port, central_broker.port))
+    first = start_proxy(path)
     client = publisher(internal_broker.port)
-    publish_all(client, [("MQTT_RT_DATA", rt_data(METER)),
+    publish_all(client, [("MQTT_RT_DATA", captured_rt_data(METER)),
                          ("MQTT_ENY_NOW", eny_now(OTHER, "20260117211500", 163.486))])
     before = retained_configs(central_broker.port, 4)
     assert {config["device"]["name"] for config in before.values()} == {f"KPM33B {METER}", f"KPM33B {OTHER}"}
     assert first.terminate() == 0
 
     live = Collector(central_broker.port, f"{PREFIX}/#")
-    path = write_config(tmp_path, document(internal_broker, central_broker, devices={
+    path = write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, devices={
         METER: {"name": "Heat pump"}, OTHER: {"name": "Garage"}}))
-    second = DaemonProcess("kpm33b_proxy.py", path)
+    second = start_proxy(path, wait_online=False)
     wait_for(lambda: sum(1 for _t, _p, retained in live.messages if not retained) >= 4, timeout=15)
     after = retained_configs(central_broker.port, 4)
     assert sorted(after) == sorted(before)
@@ -161,7 +144,6 @@ def test_rename_and_restart_changes_the_device_name_and_keeps_the_unique_ids(tmp
     assert "Traceback" not in first.output() + second.output()
     client.disconnect()
     live.close()
-    bridge.close()
 
 
 def test_excluding_a_meter_across_a_restart_clears_its_configs_and_retained_readings(tmp_path, internal_broker,
@@ -169,16 +151,16 @@ def test_excluding_a_meter_across_a_restart_clears_its_configs_and_retained_read
     """Also removes the per-phase entities of a group no longer configured."""
     state = tmp_path / "state"
     client = publisher(internal_broker.port)
-    with running_proxy(document(internal_broker, central_broker,
-                                devices={OTHER: {"per_phase": ["voltage", "power_factor"]}}), state):
-        publish_all(client, [("MQTT_RT_DATA", rt_data(METER)),
+    with running_proxy(config_dict(internal_broker.port, central_broker.port,
+                                   devices={OTHER: {"per_phase": ["voltage", "power_factor"]}}), state):
+        publish_all(client, [("MQTT_RT_DATA", captured_rt_data(METER)),
                              ("MQTT_ENY_NOW", eny_now(METER, "20260117211500", 163.486)),
-                             ("MQTT_RT_DATA", rt_data(OTHER))])
+                             ("MQTT_RT_DATA", captured_rt_data(OTHER))])
         retained_configs(central_broker.port, 2 + 9)
         wait_for(lambda: f"kpm33b/{METER}/minutes" in retained_store(central_broker.port, "kpm33b/#"))
 
-    with running_proxy(document(internal_broker, central_broker, exclude=[METER],
-                                devices={OTHER: {"per_phase": ["voltage"]}}), state):
+    with running_proxy(config_dict(internal_broker.port, central_broker.port, exclude=[METER],
+                                   devices={OTHER: {"per_phase": ["voltage"]}}), state):
         removed = [config_topic(METER, "active_power"), config_topic(METER, "active_energy"),
                    f"kpm33b/{METER}/seconds", f"kpm33b/{METER}/minutes", f"kpm33b/{METER}/availability",
                    *(config_topic(OTHER, f"power_factor{phase}") for phase in ("_l1", "_l2", "_l3", ""))]
@@ -190,18 +172,18 @@ def test_excluding_a_meter_across_a_restart_clears_its_configs_and_retained_read
             for object_id in ("active_power", "active_energy", "voltage_l1", "voltage_l2", "voltage_l3"))
         assert f"kpm33b/{OTHER}/seconds" in store
         # The excluded meter keeps speaking: nothing of it comes back.
-        publish_all(client, [("MQTT_RT_DATA", rt_data(METER)), ("MQTT_RT_DATA", rt_data(OTHER))])
+        publish_all(client, [("MQTT_RT_DATA", captured_rt_data(METER)), ("MQTT_RT_DATA", captured_rt_data(OTHER))])
     assert not [topic for topic in retained_store(central_broker.port, "#") if METER in topic]
     client.disconnect()
 
 
 def test_per_phase_fields_and_entities_appear_only_for_the_configured_meter(tmp_path, internal_broker,
                                                                           central_broker):
-    config_document = document(internal_broker, central_broker, devices={
+    config_document = config_dict(internal_broker.port, central_broker.port, devices={
         METER: {"per_phase": ["voltage", "current", "power", "power_factor"]}})
     with running_proxy(config_document, tmp_path / "state") as proxy:
         client = publisher(internal_broker.port)
-        publish_all(client, [("MQTT_RT_DATA", rt_data(METER)), ("MQTT_RT_DATA", rt_data(OTHER))])
+        publish_all(client, [("MQTT_RT_DATA", captured_rt_data(METER)), ("MQTT_RT_DATA", captured_rt_data(OTHER))])
         configs = retained_configs(central_broker.port, 15 + 2)
         assert configs == {**discovery_configs(METER, proxy.config.meters, "kpm33b", PREFIX),
                            **discovery_configs(OTHER, proxy.config.meters, "kpm33b", PREFIX)}
@@ -221,11 +203,11 @@ def test_per_phase_fields_and_entities_appear_only_for_the_configured_meter(tmp_
 
 def test_real_captures_give_each_forwarding_meter_its_configs_and_an_energy_that_never_decreases(
         tmp_path, internal_broker, central_broker):
-    lines = (FIXTURES / "MQTT_ENY_NOW_2026-01-12.log").read_text().splitlines()
+    messages = capture("MQTT_ENY_NOW_2026-01-12.log")
     collector = Collector(central_broker.port, "kpm33b/+/minutes")
-    with running_proxy(document(internal_broker, central_broker), tmp_path / "state"):
+    with running_proxy(config_dict(internal_broker.port, central_broker.port), tmp_path / "state"):
         client = publisher(internal_broker.port)
-        publish_all(client, [(topic, payload) for topic, payload in (line.split(" ", 1) for line in lines)])
+        publish_all(client, messages)
         wait_for(lambda: collector.count("/minutes") >= 624, timeout=30)
         energies: dict[str, list[float]] = {}
         for _topic, payload, _retained in collector.messages:
@@ -245,13 +227,13 @@ def test_with_discovery_off_the_proxy_leaves_the_prefix_alone(tmp_path, internal
     seeder = publisher(central_broker.port)
     seeder.publish(foreign, b'{"name": "kept"}', qos=1, retain=True).wait_for_publish(10)
     seeder.disconnect()
-    config_document = {**document(internal_broker, central_broker, exclude=[METER]),
-                       "homeassistant": {"discovery": False}}
+    config_document = config_dict(internal_broker.port, central_broker.port, exclude=[METER],
+                                  sections={"homeassistant": {"discovery": False}})
     live = Collector(central_broker.port, f"{PREFIX}/#")
     with running_proxy(config_document, tmp_path / "state"):
         client = publisher(internal_broker.port)
         readings = Collector(central_broker.port, "kpm33b/+/seconds")
-        publish_all(client, [("MQTT_RT_DATA", rt_data(OTHER))])
+        publish_all(client, [("MQTT_RT_DATA", captured_rt_data(OTHER))])
         wait_for(lambda: readings.count("/seconds"))
         readings.close()
         client.disconnect()

@@ -10,30 +10,35 @@ a frozen central broker, a damaged journal, a full file system).
 
 from __future__ import annotations
 
-import json
-import re
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from broker import Mosquitto, wait_for
-from daemons import Collector, DaemonProcess, config_dict, publish_all, write_config
+from daemons import (
+    Collector,
+    config_dict,
+    energies,
+    lines_with,
+    logged_stats,
+    publish_all,
+    publisher,
+    start_proxy,
+    write_config,
+)
 from filesystems import fill_up, remount_read_only, small_tmpfs
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from tools.meter_simulator import encode_payload, eny_now_payload
 
-PROXY_SCRIPT = "kpm33b_proxy.py"
 METER = "33B1225950027"
 BASE_TIME = datetime(2026, 1, 12, 0, 0, 0)
 # The journal is compacted once it holds more than 4 lines per meter + 10,000 (one meter here):
 # 30,000 readings drained in one go cross that twice and leave about 10,000 after the second.
 DRAIN_READINGS = 30_000
 COMPACTION_LINES = 10_000
+STATS_EVERY_SECOND = {"health": {"stats_interval_seconds": 1}}
 
 
 # --- helpers -------------------------------------------------------------------
@@ -53,27 +58,12 @@ def readings(first: int, count: int, meter: str = METER) -> list[tuple[str, byte
 
 def send(port: int, messages: list[tuple[str, bytes]]) -> None:
     """Publish at QoS 1 and wait until the internal broker has every message."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.max_inflight_messages_set(500)  # paho's default of 20 makes 30,000 readings slow to send
-    client.connect("127.0.0.1", port)
-    client.loop_start()
+    client = publisher(port, max_inflight=500)  # paho's default of 20 makes 30,000 readings slow to send
     try:
-        wait_for(client.is_connected)
         publish_all(client, messages)
     finally:
         client.disconnect()
         client.loop_stop()
-
-
-def energies(collector: Collector, meter: str = METER) -> list[float]:
-    """The energies that arrived on the central broker for ``meter``, in order."""
-    return [json.loads(payload)["active_energy"] for payload in collector.on(f"kpm33b/{meter}/minutes")]
-
-
-def last_stats(output: str) -> dict[str, Any] | None:
-    """The proxy's latest ``stats:`` log line, decoded."""
-    found = re.findall(r"stats: (\{.*\})", output)
-    return json.loads(found[-1]) if found else None
 
 
 def journal_lines(path: Path) -> int:
@@ -82,13 +72,6 @@ def journal_lines(path: Path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
-
-
-def proxy_document(internal_port: int, central_port: int) -> dict[str, Any]:
-    document = config_dict(internal_port, central_port)
-    document["logging"] = {"level": "INFO"}
-    document["health"] = {"stats_interval_seconds": 1}
-    return document
 
 
 @pytest.fixture
@@ -114,27 +97,6 @@ def central_broker() -> Iterator[Mosquitto]:
     broker.cleanup()
 
 
-@pytest.fixture
-def start_proxy(cleanup: Callable[[Callable[[], object]], None]) -> Callable[..., DaemonProcess]:
-    """Start the proxy from a config in ``directory`` (its state in ``state``, else beside the config).
-
-    Waits until it forwards unless told not to.
-    """
-
-    def start(directory: Path, document: dict[str, Any], state: Path | None = None,
-              wait_online: bool = True) -> DaemonProcess:
-        directory.mkdir(parents=True, exist_ok=True)
-        env = {"STATE_DIRECTORY": str(state)} if state is not None else None
-        daemon = DaemonProcess(PROXY_SCRIPT, write_config(directory, document), env=env)
-        cleanup(lambda: daemon.kill() if daemon.alive() else None)
-        if wait_online:
-            wait_for(lambda: "bridge state online" in daemon.output() or not daemon.alive(), timeout=20)
-            assert daemon.alive(), daemon.output()
-        return daemon
-
-    return start
-
-
 # --- 1. only what the central broker acknowledged -------------------------------
 
 
@@ -157,18 +119,17 @@ class Shrinks:
 @pytest.mark.parametrize("fault", ["sigkill-after-compaction-1", "sigkill-after-compaction-2",
                                    "central-frozen-then-sigterm"])
 def test_a_proxy_stopped_mid_drain_restarts_without_losing_a_reading(
-        tmp_path, internal_broker, central_broker, start_proxy, cleanup, fault):
-    document = proxy_document(internal_broker.port, central_broker.port)
+        tmp_path, internal_broker, central_broker, fault):
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO", sections=STATS_EVERY_SECOND)
     consumer = Collector(central_broker.port, "kpm33b/+/minutes", client_id="drain-consumer", persistent=True)
-    cleanup(consumer.close)
     state = tmp_path / "state"
-    proxy = start_proxy(tmp_path / "first", document, state)
+    proxy = start_proxy(write_config(tmp_path / "first", document), state=state)
     journal = state / "energy.journal"
 
     central_broker.stop()
     wait_for(lambda: "disconnected from the central broker" in proxy.output(), timeout=10)
     send(internal_broker.port, readings(0, DRAIN_READINGS))
-    wait_for(lambda: (s := last_stats(proxy.output())) and s["received"] >= DRAIN_READINGS, timeout=60)
+    wait_for(lambda: (s := logged_stats(proxy.output())) and s["received"] >= DRAIN_READINGS, timeout=60)
     shrinks = Shrinks(journal)
     central_broker.start()
 
@@ -185,19 +146,19 @@ def test_a_proxy_stopped_mid_drain_restarts_without_losing_a_reading(
         wait_for(lambda: shrinks.poll(), timeout=10, interval=0.005)
         assert proxy.terminate(timeout=60) == 0
         central_broker.process.send_signal(signal.SIGCONT)
-    arrived_before_restart = len(energies(consumer))
+    arrived_before_restart = len(energies(consumer, METER))
 
-    restarted = start_proxy(tmp_path / "restarted", document, state)
+    restarted = start_proxy(write_config(tmp_path / "restarted", document), state=state)
     expected = [energy_of(index) for index in range(DRAIN_READINGS)]
     try:
-        wait_for(lambda: energies(consumer)[-1:] == expected[-1:], timeout=120)
+        wait_for(lambda: energies(consumer, METER)[-1:] == expected[-1:], timeout=120)
     finally:
-        got = energies(consumer)
+        got = energies(consumer, METER)
         missing = sorted(set(expected) - set(got))
         print(f"\n[{fault}] readings sent {len(expected)}, arrived {len(got)} ({arrived_before_restart} before the "
               f"restart), missing {len(missing)} (first {missing[:3]}), repeated {len(got) - len(set(got))}")
     assert restarted.terminate() == 0
-    stats = last_stats(restarted.output())
+    stats = logged_stats(restarted.output())
     print(f"  restarted proxy: {stats}")
     assert not missing
     assert "energy_decrease" not in stats["dropped"]
@@ -214,13 +175,8 @@ def reading(meter: str, minutes: int, energy: float) -> tuple[str, bytes]:
     return ("MQTT_ENY_NOW", encode_payload(eny_now_payload(meter, BASE_TIME + timedelta(minutes=minutes), energy)))
 
 
-def lines_with(output: str, level: str, text: str = "") -> list[str]:
-    """The log lines at ``level`` (INFO, WARNING, ERROR …) that contain ``text``."""
-    return [line for line in output.splitlines() if f" {level} " in line and text in line]
-
-
 def test_a_damaged_journal_is_read_around_the_damage_and_the_proxy_forwards(
-        tmp_path, internal_broker, central_broker, start_proxy, cleanup):
+        tmp_path, internal_broker, central_broker):
     state = tmp_path / "state"
     state.mkdir()
     (state / "energy.journal").write_bytes(
@@ -231,17 +187,17 @@ def test_a_damaged_journal_is_read_around_the_damage_and_the_proxy_forwards(
         + f"{METER} 16".encode()  # torn: 16234.75 cut short, no newline
     )
     consumer = Collector(central_broker.port, "kpm33b/+/minutes")
-    cleanup(consumer.close)
-    proxy = start_proxy(tmp_path / "proxy", proxy_document(internal_broker.port, central_broker.port), state)
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO", sections=STATS_EVERY_SECOND)
+    proxy = start_proxy(write_config(tmp_path / "proxy", document), state=state)
     send(internal_broker.port, [reading(METER, 1, 16000.0), reading(OTHER, 1, 12.4),  # below the kept floors
                                 reading(METER, 2, 16240.0), reading(OTHER, 2, 12.6)])
-    wait_for(lambda: energies(consumer) and energies(consumer, OTHER), timeout=10)
-    assert energies(consumer) == [16240.0]
+    wait_for(lambda: energies(consumer, METER) and energies(consumer, OTHER), timeout=10)
+    assert energies(consumer, METER) == [16240.0]
     assert energies(consumer, OTHER) == [12.6]
     output = proxy.output()
-    print("\n" + "\n".join(lines_with(output, "WARNING", "journal") + lines_with(output, "INFO", "loaded")))
-    assert len(lines_with(output, "WARNING", "skipped 2 damaged lines of the energy journal")) == 1
-    assert len(lines_with(output, "WARNING", "unfinished last line")) == 1
+    print("\n" + "\n".join(lines_with(output, "journal", level="WARNING") + lines_with(output, "loaded", level="INFO")))
+    assert len(lines_with(output, "skipped 2 damaged lines of the energy journal", level="WARNING")) == 1
+    assert len(lines_with(output, "unfinished last line", level="WARNING")) == 1
     assert "loaded the last energy of 2 meters" in output and "(2 damaged lines skipped)" in output
     assert proxy.terminate() == 0
     assert "Traceback" not in proxy.output()
@@ -253,16 +209,16 @@ def test_a_damaged_journal_is_read_around_the_damage_and_the_proxy_forwards(
 @pytest.mark.parametrize("content", [b"\x00" * 4096, b"\x00" * 100 + b"\n" + b"\xff\xfe" * 50 + b"\n"],
                          ids=["nul-bytes", "garbage-lines"])
 def test_a_journal_that_yields_nothing_is_kept_aside_with_an_error(
-        tmp_path, internal_broker, central_broker, start_proxy, cleanup, content):
+        tmp_path, internal_broker, central_broker, content):
     state = tmp_path / "state"
     state.mkdir()
     (state / "energy.journal").write_bytes(content)
     consumer = Collector(central_broker.port, "kpm33b/+/minutes")
-    cleanup(consumer.close)
-    proxy = start_proxy(tmp_path / "proxy", proxy_document(internal_broker.port, central_broker.port), state)
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO", sections=STATS_EVERY_SECOND)
+    proxy = start_proxy(write_config(tmp_path / "proxy", document), state=state)
     send(internal_broker.port, [reading(METER, 1, 5.0)])
-    wait_for(lambda: energies(consumer) == [5.0], timeout=10)
-    errors = lines_with(proxy.output(), "ERROR", "holds no valid line")
+    wait_for(lambda: energies(consumer, METER) == [5.0], timeout=10)
+    errors = lines_with(proxy.output(), "holds no valid line", level="ERROR")
     print("\n" + "\n".join(errors))
     assert len(errors) == 1
     kept = list(state.glob("energy.journal.damaged-*"))
@@ -273,13 +229,13 @@ def test_a_journal_that_yields_nothing_is_kept_aside_with_an_error(
 
 
 def test_a_second_unreadable_journal_does_not_overwrite_the_first_one_kept_aside(
-        tmp_path, internal_broker, central_broker, start_proxy):
+        tmp_path, internal_broker, central_broker):
     state = tmp_path / "state"
     state.mkdir()
-    document = proxy_document(internal_broker.port, central_broker.port)
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO", sections=STATS_EVERY_SECOND)
     for attempt in range(2):
         (state / "energy.journal").write_bytes(bytes([attempt]) * 100)
-        proxy = start_proxy(tmp_path / f"proxy-{attempt}", document, state)
+        proxy = start_proxy(write_config(tmp_path / f"proxy-{attempt}", document), state=state)
         assert proxy.terminate() == 0
     kept = sorted(path.read_bytes() for path in state.glob("energy.journal.damaged-*"))
     assert kept == [b"\x00" * 100, b"\x01" * 100]
@@ -293,25 +249,25 @@ def small_file_system(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_state_directory_on_a_full_file_system_at_start_exits_3_with_one_error(
-        tmp_path, small_file_system, internal_broker, central_broker, start_proxy):
+        tmp_path, small_file_system, internal_broker, central_broker):
     state = small_file_system / "state"
     state.mkdir()
     (state / "energy.journal").write_text(f"{METER} 16234.5 20260111235900\n")
     fill_up(small_file_system)
-    proxy = start_proxy(tmp_path / "proxy", proxy_document(internal_broker.port, central_broker.port), state,
-                        wait_online=False)
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO", sections=STATS_EVERY_SECOND)
+    proxy = start_proxy(write_config(tmp_path / "proxy", document), state=state, wait_online=False)
     assert proxy.wait(15) == 3
     output = proxy.output()
-    print("\n" + "\n".join(lines_with(output, "ERROR")))
+    print("\n" + "\n".join(lines_with(output, level="ERROR")))
     assert "Traceback" not in output
-    assert len(lines_with(output, "ERROR")) == 1
-    assert lines_with(output, "ERROR", f"cannot use the state directory {state}: No space left on device")
+    assert len(lines_with(output, level="ERROR")) == 1
+    assert lines_with(output, f"cannot use the state directory {state}: No space left on device", level="ERROR")
     assert (state / "energy.journal").read_text() == f"{METER} 16234.5 20260111235900\n", "the journal was damaged"
 
 
 @pytest.mark.parametrize("fault", ["state-is-a-file", "journal-is-a-directory", "read-only-file-system"])
 def test_an_unusable_state_directory_exits_3_with_one_error_line(
-        tmp_path, small_file_system, internal_broker, central_broker, start_proxy, fault):
+        tmp_path, small_file_system, internal_broker, central_broker, fault):
     if fault == "state-is-a-file":
         state = tmp_path / "state"
         state.write_text("not a directory\n")
@@ -325,37 +281,36 @@ def test_an_unusable_state_directory_exits_3_with_one_error_line(
         state.mkdir()
         remount_read_only(small_file_system)
         expected = f"cannot use the state directory {state}: Read-only file system"
-    proxy = start_proxy(tmp_path / "proxy", proxy_document(internal_broker.port, central_broker.port), state,
-                        wait_online=False)
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO", sections=STATS_EVERY_SECOND)
+    proxy = start_proxy(write_config(tmp_path / "proxy", document), state=state, wait_online=False)
     assert proxy.wait(15) == 3
     output = proxy.output()
-    print("\n" + "\n".join(lines_with(output, "ERROR")))
+    print("\n" + "\n".join(lines_with(output, level="ERROR")))
     assert "Traceback" not in output
-    assert len(lines_with(output, "ERROR")) == 1
-    assert lines_with(output, "ERROR", expected)
+    assert len(lines_with(output, level="ERROR")) == 1
+    assert lines_with(output, expected, level="ERROR")
 
 
 def test_a_full_file_system_while_running_is_one_error_forwarding_goes_on_and_the_journal_catches_up(
-        tmp_path, small_file_system, internal_broker, central_broker, start_proxy, cleanup):
+        tmp_path, small_file_system, internal_broker, central_broker):
     state = small_file_system / "state"
     consumer = Collector(central_broker.port, "kpm33b/+/minutes")
-    cleanup(consumer.close)
-    document = proxy_document(internal_broker.port, central_broker.port)
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO", sections=STATS_EVERY_SECOND)
     document["logging"] = {"level": "DEBUG"}  # each failed write is a DEBUG line; the ERROR is rate-limited
-    proxy = start_proxy(tmp_path / "proxy", document, state)
+    proxy = start_proxy(write_config(tmp_path / "proxy", document), state=state)
     filler = fill_up(small_file_system)
 
     # 300 lines of ~37 bytes need new pages of the file system: the writes fail.
     send(internal_broker.port, [reading(METER, minute, 100 + minute / 100) for minute in range(300)])
-    wait_for(lambda: len(energies(consumer)) == 300, timeout=20)
+    wait_for(lambda: len(energies(consumer, METER)) == 300, timeout=20)
     failed = "energy journal write failed"
-    wait_for(lambda: len(lines_with(proxy.output(), "DEBUG", failed)) >= 3, timeout=30)  # retried, still full
+    wait_for(lambda: len(lines_with(proxy.output(), failed, level="DEBUG")) >= 3, timeout=30)  # retried, still full
     send(internal_broker.port, [reading(METER, minute, 100 + minute / 100) for minute in range(300, 400)])
-    wait_for(lambda: len(energies(consumer)) == 400, timeout=20)
-    assert energies(consumer) == [100 + minute / 100 for minute in range(400)]
+    wait_for(lambda: len(energies(consumer, METER)) == 400, timeout=20)
+    assert energies(consumer, METER) == [100 + minute / 100 for minute in range(400)]
     output = proxy.output()
-    errors = lines_with(output, "ERROR", "cannot write the energy journal")
-    print(f"\n[full file system] {len(lines_with(output, 'DEBUG', failed))} failed writes, "
+    errors = lines_with(output, "cannot write the energy journal", level="ERROR")
+    print(f"\n[full file system] {len(lines_with(output, failed, level='DEBUG'))} failed writes, "
           f"{len(errors)} ERROR lines:\n" + "\n".join(errors))
     assert len(errors) == 1 and "No space left on device" in errors[0]
     assert proxy.alive()
@@ -363,9 +318,9 @@ def test_a_full_file_system_while_running_is_one_error_forwarding_goes_on_and_th
     filler.unlink()  # space is back: the next retry writes every acknowledged floor
     journal = state / "energy.journal"
     wait_for(lambda: journal.read_text() == f"{METER} 103.99 20260112063900\n", timeout=20)
-    assert lines_with(proxy.output(), "WARNING", "is written again")
+    assert lines_with(proxy.output(), "is written again", level="WARNING")
     send(internal_broker.port, [reading(METER, 400, 104.0)])
-    wait_for(lambda: len(energies(consumer)) == 401, timeout=10)
+    wait_for(lambda: len(energies(consumer, METER)) == 401, timeout=10)
     assert proxy.terminate() == 0
     assert journal.read_text().splitlines()[-1] == f"{METER} 104.0 20260112064000"
     assert "Traceback" not in proxy.output()

@@ -20,15 +20,16 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from broker import Mosquitto, wait_for
+from daemons import simulated_meters
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from payloads import FIXTURES, capture_payloads
 
 from tools.meter_simulator import (
     ENY_NOW_TAGS,
     RT_DATA_TAGS,
-    MeterSimulator,
     build_parser,
     clock_2005,
     command_reply,
@@ -47,7 +48,6 @@ from tools.meter_simulator import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
 SIMULATOR = ROOT / "tools" / "meter_simulator.py"
 WHEN = datetime(2026, 1, 12, 16, 39, 0)
 
@@ -449,27 +449,9 @@ def listener(internal_broker: Mosquitto) -> Iterator[Listener]:
     client.close()
 
 
-def started(simulator: MeterSimulator, cadence: bool = True) -> MeterSimulator:
-    simulator.start(cadence=cadence)
-    assert simulator.wait_connected(10)
-    return simulator
-
-
-@pytest.fixture
-def simulators() -> Iterator[list[MeterSimulator]]:
-    """Simulators a test creates; stopped afterwards even when the test fails."""
-    created: list[MeterSimulator] = []
-    yield created
-    for simulator in created:
-        simulator.stop()
-
-
-def test_first_readings_go_out_at_once_and_then_on_the_cadence(
-    internal_broker: Mosquitto, listener: Listener, simulators: list[MeterSimulator]
-) -> None:
+def test_first_readings_go_out_at_once_and_then_on_the_cadence(internal_broker: Mosquitto, listener: Listener) -> None:
     ids = meter_ids(3)
-    simulator = MeterSimulator(
-        "127.0.0.1",
+    simulated_meters(
         internal_broker.port,
         ids,
         seconds_interval=0.2,
@@ -477,7 +459,6 @@ def test_first_readings_go_out_at_once_and_then_on_the_cadence(
         seed=1,
         clock={ids[0]: "2005"},
     )
-    simulators.append(started(simulator))
     wait_for(lambda: all(len([r for r in listener.on("MQTT_ENY_NOW") if r["id"] == i]) >= 3 for i in ids))
     rt = listener.on("MQTT_RT_DATA")
     eny = listener.on("MQTT_ENY_NOW")
@@ -493,13 +474,12 @@ def test_first_readings_go_out_at_once_and_then_on_the_cadence(
 
 
 def test_a_command_is_answered_with_its_oprid_and_changes_the_cadence(
-    internal_broker: Mosquitto, listener: Listener, simulators: list[MeterSimulator]
+    internal_broker: Mosquitto, listener: Listener
 ) -> None:
     ids = meter_ids(2)
-    simulator = MeterSimulator(
-        "127.0.0.1", internal_broker.port, ids, seconds_interval=100, minutes_interval=100, interval_scale=0.01
+    simulator = simulated_meters(
+        internal_broker.port, ids, seconds_interval=100, minutes_interval=100, interval_scale=0.01
     )
-    simulators.append(started(simulator))
     wait_for(lambda: len(listener.on("MQTT_RT_DATA")) == 2)  # the first round
     op = oprid()
     listener.command("MQTT_COMMOD_SET_25950028", {"oprid": op, "Cmd": "0000", "value": "30", "types": "1"})
@@ -515,12 +495,9 @@ def test_a_command_is_answered_with_its_oprid_and_changes_the_cadence(
     ]
 
 
-def test_a_silent_meter_and_a_short_oprid_get_no_reply(
-    internal_broker: Mosquitto, listener: Listener, simulators: list[MeterSimulator]
-) -> None:
+def test_a_silent_meter_and_a_short_oprid_get_no_reply(internal_broker: Mosquitto, listener: Listener) -> None:
     ids = meter_ids(2)
-    simulator = MeterSimulator("127.0.0.1", internal_broker.port, ids, reply_mode={ids[1]: "none"})
-    simulators.append(started(simulator, cadence=False))
+    simulator = simulated_meters(internal_broker.port, ids, reply_mode={ids[1]: "none"}, cadence=False)
     ignored = oprid()
     short = oprid()[:31]
     answered = oprid()
@@ -538,18 +515,17 @@ def test_a_silent_meter_and_a_short_oprid_get_no_reply(
 
 
 def test_a_delayed_meter_replies_after_the_delay_and_an_error_meter_with_02(
-    internal_broker: Mosquitto, listener: Listener, simulators: list[MeterSimulator]
+    internal_broker: Mosquitto, listener: Listener
 ) -> None:
     ids = meter_ids(2)
-    simulator = MeterSimulator(
-        "127.0.0.1",
+    simulator = simulated_meters(
         internal_broker.port,
         ids,
         reply_mode={ids[0]: "delay", ids[1]: "error"},
         reply_delay=0.5,
         minutes_interval=100,
+        cadence=False,
     )
-    simulators.append(started(simulator, cadence=False))
     delayed, failed = oprid(), oprid()
     sent = listener.command("MQTT_COMMOD_SET_25950027", {"oprid": delayed, "Cmd": "0001", "value": "5", "types": "1"})
     listener.command("MQTT_COMMOD_SET_25950028", {"oprid": failed, "Cmd": "0001", "value": "5", "types": "1"})
@@ -563,12 +539,9 @@ def test_a_delayed_meter_replies_after_the_delay_and_an_error_meter_with_02(
     assert simulator.intervals(ids[1]) == (60.0, 100.0)  # a failed command changes nothing
 
 
-def test_a_settime_command_is_answered_and_sets_an_unset_clock(
-    internal_broker: Mosquitto, listener: Listener, simulators: list[MeterSimulator]
-) -> None:
+def test_a_settime_command_is_answered_and_sets_an_unset_clock(internal_broker: Mosquitto, listener: Listener) -> None:
     ids = meter_ids(1)
-    simulator = MeterSimulator("127.0.0.1", internal_broker.port, ids, clock="2005")
-    simulators.append(started(simulator, cadence=False))
+    simulator = simulated_meters(internal_broker.port, ids, clock="2005", cadence=False)
     assert simulator.publish_round() == 2
     wait_for(lambda: len(listener.on("MQTT_ENY_NOW")) == 1)
     assert listener.on("MQTT_ENY_NOW")[0]["time"].startswith("2005")
@@ -584,11 +557,12 @@ def test_a_settime_command_is_answered_and_sets_an_unset_clock(
 
 
 def test_split_packets_and_spurious_readings_go_out_like_real_meters_send_them(
-    internal_broker: Mosquitto, listener: Listener, simulators: list[MeterSimulator]
+    internal_broker: Mosquitto, listener: Listener
 ) -> None:
     ids = meter_ids(2)
-    simulator = MeterSimulator("127.0.0.1", internal_broker.port, ids, packets=3, spurious=True, clock={ids[1]: "2005"})
-    simulators.append(started(simulator, cadence=False))
+    simulator = simulated_meters(
+        internal_broker.port, ids, packets=3, spurious=True, clock={ids[1]: "2005"}, cadence=False
+    )
     assert simulator.publish_round() == 2 * (3 + 3 * 3)
     wait_for(lambda: len(listener.on("MQTT_ENY_NOW")) == 18 and len(listener.on("MQTT_RT_DATA")) == 6)
     for meter_id in ids:
@@ -606,13 +580,12 @@ def test_split_packets_and_spurious_readings_go_out_like_real_meters_send_them(
 
 
 def test_1500_meters_on_one_connection_publish_3000_messages_that_all_arrive(
-    internal_broker: Mosquitto, listener: Listener, simulators: list[MeterSimulator]
+    internal_broker: Mosquitto, listener: Listener
 ) -> None:
     ids = meter_ids(1500)
-    simulator = MeterSimulator(
-        "127.0.0.1", internal_broker.port, ids, seconds_interval=600, minutes_interval=600, max_in_flight=500
+    simulator = simulated_meters(
+        internal_broker.port, ids, seconds_interval=600, minutes_interval=600, max_in_flight=500
     )
-    simulators.append(started(simulator))
     wait_for(lambda: len(listener.messages) >= 3000, timeout=20)
     assert simulator.flush(10)
     rt, eny = listener.on("MQTT_RT_DATA"), listener.on("MQTT_ENY_NOW")
@@ -626,21 +599,18 @@ def test_1500_meters_on_one_connection_publish_3000_messages_that_all_arrive(
     assert "dropped" not in internal_broker.log()
 
 
-def test_replay_publishes_each_capture_line_byte_for_byte(
-    internal_broker: Mosquitto, listener: Listener, simulators: list[MeterSimulator]
-) -> None:
+def test_replay_publishes_each_capture_line_byte_for_byte(internal_broker: Mosquitto, listener: Listener) -> None:
     capture = FIXTURES / "MQTT_ENY_NOW_2026-01-17.log"
-    simulator = started(MeterSimulator("127.0.0.1", internal_broker.port, []), cadence=False)
-    simulators.append(simulator)
+    simulator = simulated_meters(internal_broker.port, [], cadence=False)
     began = time.monotonic()
     assert simulator.replay(capture, rate=100) == 10
     assert time.monotonic() - began >= 0.09  # 10 messages at 100/s
     wait_for(lambda: len(listener.messages) == 10)
-    expected = [line.split(" ", 1)[1].encode() for line in capture.read_text().splitlines()]
+    expected = capture_payloads(capture.name)
     assert [payload for _, payload, _ in listener.messages] == expected
 
 
-def test_connection_per_meter_logs_in_with_the_meter_account(simulators: list[MeterSimulator]) -> None:
+def test_connection_per_meter_logs_in_with_the_meter_account() -> None:
     ids = meter_ids(2)
     broker = Mosquitto(anonymous=False)
     # mosquitto started as root drops to its own user: the files it reads
@@ -666,8 +636,7 @@ def test_connection_per_meter_logs_in_with_the_meter_account(simulators: list[Me
     listener = None
     try:
         listener = Listener(broker.port, ["MQTT_ENY_NOW", "MQTT_COMMOD_SET_REP"], "tester", "s3cret")
-        simulator = MeterSimulator("127.0.0.1", broker.port, ids, password="s3cret", connection_per_meter=True)
-        simulators.append(started(simulator))
+        simulator = simulated_meters(broker.port, ids, password="s3cret", connection_per_meter=True)
         wait_for(lambda: {r["id"] for r in listener.on("MQTT_ENY_NOW")} == set(ids))
         op = oprid()
         listener.command("MQTT_COMMOD_SET_25950028", {"oprid": op, "Cmd": "0000", "value": "60", "types": "1"})

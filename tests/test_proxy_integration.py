@@ -3,33 +3,34 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from broker import Mosquitto, wait_for
-from daemons import ROOT, Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+from daemons import (
+    PROXY_SCRIPT,
+    ROOT,
+    Collector,
+    DaemonProcess,
+    config_dict,
+    energies,
+    publish_all,
+    publisher,
+    start_proxy,
+    write_config,
+)
+from payloads import RT_DATA, capture, eny_now, minute_times
 
 import config_loader
 from data_mapping import MeterDataProcessor
 from kpm33b_proxy import Proxy
 from topics import MINUTES
 
-FIXTURES = ROOT / "tests" / "fixtures"
-RT_DATA = (FIXTURES / "MQTT_RT_DATA_2026-01-12.log").read_text().split(" ", 1)[1].strip()
-
-
-def eny_now(meter_id: str, time_text: str, energy: float) -> str:
-    """A minimal but valid ENY_NOW packet."""
-    return json.dumps({"id": meter_id, "zygsz": energy, "fygsz": 0.0, "time": time_text, "isend": "1"})
-
-
-def minute_times(count: int) -> list[str]:
-    """``count`` distinct meter times, one minute apart."""
-    return [f"202601{1 + i // 1440:02d}{(i % 1440) // 60:02d}{i % 60:02d}00" for i in range(count)]
+NEW_YEAR = datetime(2026, 1, 1)  # the first of the many distinct meter times a stream test sends
 
 
 @pytest.fixture
@@ -39,14 +40,8 @@ def proxy_config(tmp_path: Path, internal_broker: Mosquitto, central_broker: Mos
 
 
 @pytest.fixture
-def proxy(proxy_config: Path, central_broker: Mosquitto):
-    bridge = Collector(central_broker.port, "kpm33b/bridge/state")
-    daemon = DaemonProcess("kpm33b_proxy.py", proxy_config)
-    wait_for(lambda: bridge.on("kpm33b/bridge/state")[-1:] == [b"online"], timeout=15)
-    bridge.close()
-    yield daemon
-    if daemon.alive():
-        daemon.kill()
+def proxy(proxy_config: Path) -> DaemonProcess:
+    return start_proxy(proxy_config)
 
 
 def test_raw_readings_come_out_clean_retained_on_both_topics(proxy, internal_broker, central_broker):
@@ -74,17 +69,17 @@ def test_raw_readings_come_out_clean_retained_on_both_topics(proxy, internal_bro
 
 
 def test_capture_replay_through_the_daemon_equals_the_pure_mapping(proxy, internal_broker, central_broker):
-    lines = (FIXTURES / "MQTT_ENY_NOW_2026-01-12.log").read_text().splitlines()
+    messages = capture("MQTT_ENY_NOW_2026-01-12.log")
     processor = MeterDataProcessor()
     expected = [
         (f"kpm33b/{o.message.meter_id}/minutes", json.dumps(o.message.payload).encode())
-        for o in (processor.process(MINUTES, line.split(" ", 1)[1].encode(), 0.0) for line in lines)
+        for o in (processor.process(MINUTES, payload, 0.0) for _topic, payload in messages)
         if o.message is not None
     ]
     assert len(expected) == 624
     collector = Collector(central_broker.port, "kpm33b/+/minutes")
     client = publisher(internal_broker.port)
-    publish_all(client, [tuple(line.split(" ", 1)) for line in lines])  # 2072 at once: above the 1,000 queue
+    publish_all(client, messages)  # 2072 at once: above the 1,000 queue
     wait_for(lambda: collector.count("/minutes") >= 624, timeout=30)
     received = [(topic, payload) for topic, payload, _ in collector.messages]
     assert received == expected
@@ -118,7 +113,7 @@ GARBAGE: list[bytes] = [
 def test_garbage_is_rejected_and_every_valid_reading_arrives(proxy, internal_broker, central_broker):
     collector = Collector(central_broker.port, "kpm33b/#")
     client = publisher(internal_broker.port)
-    times = minute_times(1500)
+    times = minute_times(1500, NEW_YEAR)
     messages: list[tuple[str, bytes | str]] = []
     for index, meter_time in enumerate(times):
         messages.append(("MQTT_ENY_NOW", eny_now("33B1225950027", meter_time, 100.0 + index)))
@@ -142,7 +137,7 @@ def test_garbage_is_rejected_and_every_valid_reading_arrives(proxy, internal_bro
 def test_central_broker_restart_mid_stream_loses_nothing(proxy, internal_broker, central_broker):
     collector = Collector(central_broker.port, "kpm33b/+/minutes", client_id="restart-test", persistent=True)
     client = publisher(internal_broker.port)
-    times = minute_times(1200)
+    times = minute_times(1200, NEW_YEAR)
     publish_all(client, [("MQTT_ENY_NOW", eny_now("33B1225950027", t, 10.0 + i))
                          for i, t in enumerate(times[:600])])
     wait_for(lambda: collector.count() >= 600, timeout=30)
@@ -151,8 +146,7 @@ def test_central_broker_restart_mid_stream_loses_nothing(proxy, internal_broker,
                          for i, t in enumerate(times[600:])])
     central_broker.start()
     wait_for(lambda: collector.count() >= 1200, timeout=60)
-    energies = [json.loads(p)["active_energy"] for p in collector.on("kpm33b/33B1225950027/minutes")]
-    assert energies == [10.0 + i for i in range(600)] + [610.0 + i for i in range(600)]
+    assert energies(collector, "33B1225950027") == [10.0 + i for i in range(600)] + [610.0 + i for i in range(600)]
     client.disconnect()
     collector.close()
 
@@ -188,18 +182,17 @@ def test_excluded_meter_is_ignored_entirely(proxy, internal_broker, central_brok
 def test_energy_guard_holds_across_a_restart(proxy_config, internal_broker, central_broker):
     collector = Collector(central_broker.port, "kpm33b/+/minutes")
     client = publisher(internal_broker.port)
-    first = DaemonProcess("kpm33b_proxy.py", proxy_config)
+    first = DaemonProcess(PROXY_SCRIPT, proxy_config)
     wait_for(lambda: "subscribed to" in first.output())
     publish_all(client, [("MQTT_ENY_NOW", eny_now("33B1225950027", "20260117211500", 163.486))])
     wait_for(lambda: collector.count() == 1)
     assert first.terminate() == 0
-    second = DaemonProcess("kpm33b_proxy.py", proxy_config)
+    second = DaemonProcess(PROXY_SCRIPT, proxy_config)
     wait_for(lambda: "subscribed to" in second.output())
     publish_all(client, [("MQTT_ENY_NOW", eny_now("33B1225950027", "20260117213000", 31.057)),
                          ("MQTT_ENY_NOW", eny_now("33B1225950027", "20260117214500", 163.5))])
     wait_for(lambda: collector.count() == 2)
-    assert [json.loads(p)["active_energy"] for p in collector.on("kpm33b/33B1225950027/minutes")] == [
-        163.486, 163.5]
+    assert energies(collector, "33B1225950027") == [163.486, 163.5]
     assert "loaded the last energy of 1 meters" in second.output()
     assert second.terminate() == 0
     client.disconnect()
@@ -207,7 +200,7 @@ def test_energy_guard_holds_across_a_restart(proxy_config, internal_broker, cent
 
 
 def test_a_second_proxy_on_the_same_state_directory_refuses_to_start(proxy, proxy_config):
-    second = DaemonProcess("kpm33b_proxy.py", proxy_config)
+    second = DaemonProcess(PROXY_SCRIPT, proxy_config)
     assert second.wait(15) == 3
     assert "is in use by another kpm33b_proxy process" in second.output()
     assert proxy.alive()
@@ -238,8 +231,8 @@ def test_meter_goes_offline_after_silence_and_online_again(tmp_path, internal_br
     ({"central_broker": {"host": "127.0.0.1"}}, 0),  # the one key a configuration must set
 ])
 def test_check_config_reports_problems_with_exit_code_two(tmp_path, document, code):
-    path = write_config(tmp_path, {"central_broker": {"host": "127.0.0.1"}, **document})
-    result = subprocess.run([sys.executable, str(ROOT / "kpm33b_proxy.py"), "--config", str(path), "--check-config"],
+    path = write_config(tmp_path, document)
+    result = subprocess.run([sys.executable, str(ROOT / PROXY_SCRIPT), "--config", str(path), "--check-config"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == code
     assert "Traceback" not in result.stderr
@@ -250,21 +243,11 @@ def test_check_config_reports_problems_with_exit_code_two(tmp_path, document, co
         ]
 
 
-def test_proxy_tells_systemd_it_is_ready_and_pings_the_watchdog(tmp_path, proxy_config):
-    notify_path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_socket:
-        notify_socket.bind(str(notify_path))
-        notify_socket.settimeout(15)
-        daemon = DaemonProcess("kpm33b_proxy.py", proxy_config,
-                               env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"})
-        try:
-            seen: list[str] = []
-            while "READY=1" not in seen or seen.count("WATCHDOG=1") < 3:
-                seen.extend(notify_socket.recv(4096).decode().splitlines())
-            assert "subscribed to" in daemon.output()  # ready means forwarding
-            assert daemon.terminate() == 0
-            while "STOPPING=1" not in seen:
-                seen.extend(notify_socket.recv(4096).decode().splitlines())
-        finally:
-            if daemon.alive():
-                daemon.kill()
+def test_proxy_tells_systemd_it_is_ready_and_pings_the_watchdog(proxy_config, systemd):
+    notifications, environment = systemd
+    daemon = start_proxy(proxy_config, env={**environment, "WATCHDOG_USEC": "400000"}, wait_online=False)
+    wait_for(lambda: "READY=1" in notifications.lines() and notifications.lines().count("WATCHDOG=1") >= 3,
+             timeout=15)
+    assert "subscribed to" in daemon.output()  # ready means forwarding
+    assert daemon.terminate() == 0
+    wait_for(lambda: "STOPPING=1" in notifications.lines(), timeout=15)

@@ -20,12 +20,21 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import yaml
 from broker import Mosquitto, wait_for
-from daemons import Collector, DaemonProcess, config_dict, publish_all, publisher, write_config
+from daemons import (
+    MAIN,
+    Collector,
+    ProxyStandIn,
+    config_dict,
+    latest_stats,
+    publish_all,
+    publisher,
+    start_proxy,
+    write_config,
+)
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
-from test_config_sender import MAIN, Central
+from payloads import eny_now, minute
 from test_internal_broker_config import METER_A, OBSERVER, SENDER, USER_A, InternalBroker
 from test_internal_broker_config import PASSWORD as INTERNAL_PASSWORD
 
@@ -38,7 +47,6 @@ from daemon import ALERT, RateLimitedLog
 from kpm33b_proxy import Outgoing, Proxy
 from mqtt_client import refusal
 
-PROXY_SCRIPT = "kpm33b_proxy.py"
 PROXY_USER = "kpm33b-proxy"
 SENDER_USER = "kpm33b-config-sender"
 CENTRAL_PASSWORD = "central-secret"
@@ -46,6 +54,7 @@ METER = "33B1225950027"
 LOCAL_NOW = datetime(2026, 1, 12, 16, 39, 5)
 NO_ACCOUNT = "33B1225950031"  # discovered on the central broker, but without an account on the internal one
 READINGS = 100
+FIRST_READING = datetime(2026, 1, 17, 10, 0)
 BURST = 10  # RateLimitedLog's default: lines per minute before the rest are only counted
 REFUSED_LINE = re.compile(r" ERROR kpm33b_proxy: the central broker refused (\S+) \(([^)]*)\)")
 REFUSAL_SUMMARY = re.compile(r"(\d+) more refused publishes not logged \(([^)]*)\)")
@@ -65,17 +74,6 @@ def acl_central_broker(cleanup: Callable[[Callable[[], object]], None], director
     return broker.start()
 
 
-def eny_now(index: int) -> tuple[str, str]:
-    """A distinct energy reading of METER: its own minute and a rising counter."""
-    return ("MQTT_ENY_NOW", json.dumps({"id": METER, "zygsz": 100.0 + index, "fygsz": 0.0,
-                                        "time": f"20260117{10 + index // 60:02d}{index % 60:02d}00", "isend": "1"}))
-
-
-def latest_stats(collector: Collector) -> dict[str, object] | None:
-    payloads = collector.on("kpm33b/bridge/stats")
-    return json.loads(payloads[-1]) if payloads else None
-
-
 # --- the proxy ----------------------------------------------------------------------------
 
 
@@ -90,17 +88,15 @@ def test_readings_and_discovery_configs_the_central_broker_refuses_are_dropped_a
     ), PROXY_USER)
     observer = Collector(central.port, "kpm33b/#", "homeassistant/#")
     cleanup(observer.close)
-    document = config_dict(internal_broker.port, central.port)
-    document["central_broker"].update(username=PROXY_USER, password=CENTRAL_PASSWORD)
-    document["health"] = {"stats_interval_seconds": 1}
-    config = write_config(tmp_path, document)
-    proxy = DaemonProcess(PROXY_SCRIPT, config)
-    wait_for(lambda: "bridge state online" in proxy.output() or not proxy.alive(), timeout=20)
-    assert proxy.alive(), proxy.output()
+    proxy = start_proxy(write_config(tmp_path, config_dict(internal_broker.port, central.port, sections={
+        "central_broker": {"username": PROXY_USER, "password": CENTRAL_PASSWORD},
+        "health": {"stats_interval_seconds": 1}})))
 
     feeder = publisher(internal_broker.port)
     cleanup(lambda: (feeder.disconnect(), feeder.loop_stop()))
-    publish_all(feeder, [eny_now(index) for index in range(READINGS)])
+    # Distinct readings: each its own minute and a rising counter.
+    publish_all(feeder, [("MQTT_ENY_NOW", eny_now(METER, minute(index, FIRST_READING), 100.0 + index))
+                         for index in range(READINGS)])
 
     def settled() -> dict[str, object] | None:
         stats = latest_stats(observer)
@@ -197,21 +193,15 @@ def test_commands_and_stats_the_brokers_refuse_are_errors_not_alerts(
         f"user {SENDER_USER}\n"
         f"topic read {MAIN}/#\n"
     ), SENDER_USER)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "internal_broker": {"host": "127.0.0.1", "port": internal.port, "username": SENDER,
-                            "password": INTERNAL_PASSWORD},
-        "central_broker": {"host": "127.0.0.1", "port": central.port, "username": SENDER_USER,
-                           "password": CENTRAL_PASSWORD},
-        "meters": {"ack_timeout_seconds": 3},
-        "health": {"stats_interval_seconds": 1},
-        "logging": {"level": "DEBUG"},
-    }))
+    path = write_config(tmp_path, config_dict(internal.port, central.port, ack_timeout_seconds=3, sections={
+        "internal_broker": {"username": SENDER, "password": INTERNAL_PASSWORD},
+        "central_broker": {"username": SENDER_USER, "password": CENTRAL_PASSWORD},
+        "health": {"stats_interval_seconds": 1}}))
     sender = ConfigSender(config_loader.load_config(path, {}), path, environ={}, client_id_prefix="test-refused")
     sender.start()
     cleanup(sender.stop)
     assert sender.wait_ready(10)
-    stand_in = Central(central.port)
+    stand_in = ProxyStandIn(central.port)
     cleanup(stand_in.close)
     stand_in.online(METER_A, NO_ACCOUNT)
 

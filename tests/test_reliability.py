@@ -28,7 +28,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from broker import Mosquitto, wait_for
-from daemons import Collector, DaemonProcess, config_dict, write_config
+from daemons import Collector, DaemonProcess, config_dict, latest_stats, start_proxy, write_config
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from test_internal_broker_config import METER_A, PASSWORD, USER_A, InternalBroker
 from test_internal_broker_config import PROXY as PROXY_ACCOUNT
@@ -37,7 +37,6 @@ from data_mapping import MAX_PAYLOAD_BYTES, REJECTIONS, Rejected, parse_packet
 from mqtt_client import SHORT_LIVED_LIMIT
 from tools.meter_simulator import encode_payload, eny_now_payload, meter_ids, rt_data_payload
 
-PROXY_SCRIPT = "kpm33b_proxy.py"
 BASE_TIME = datetime(2026, 1, 12, 0, 0, 0)
 REJECTED_LINE = "rejected a message on "
 SUMMARY = re.compile(r"(\d+) more rejected messages not logged \(([^)]*)\)")
@@ -240,42 +239,8 @@ def rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
-def latest_stats(collector: Collector) -> dict[str, Any] | None:
-    payloads = collector.on("kpm33b/bridge/stats")
-    return json.loads(payloads[-1]) if payloads else None
-
-
 def without_uptime(stats: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in stats.items() if key != "uptime_seconds"}
-
-
-def proxy_document(internal_port: int, central_port: int, **sections: Any) -> dict[str, Any]:
-    """config_dict at INFO (the production level), with whole sections overridden or merged."""
-    document = config_dict(internal_port, central_port)
-    document["logging"] = {"level": "INFO"}
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(document.get(key), dict):
-            document[key] = {**document[key], **value}
-        else:
-            document[key] = value
-    return document
-
-
-@pytest.fixture
-def start_proxy(cleanup: Callable[[Callable[[], object]], None]) -> Callable[..., DaemonProcess]:
-    """Start the proxy from a config written into ``directory``; killed at the end of the test if still running."""
-
-    def start(directory: Path, document: dict[str, Any], env: dict[str, str] | None = None,
-              wait_online: bool = True) -> DaemonProcess:
-        directory.mkdir(parents=True, exist_ok=True)
-        daemon = DaemonProcess(PROXY_SCRIPT, write_config(directory, document), env=env)
-        cleanup(lambda: daemon.kill() if daemon.alive() else None)
-        if wait_online:
-            wait_for(lambda: "bridge state online" in daemon.output() or not daemon.alive(), timeout=20)
-            assert daemon.alive(), daemon.output()
-        return daemon
-
-    return start
 
 
 @pytest.fixture
@@ -292,12 +257,6 @@ def central_broker() -> Iterator[Mosquitto]:
     broker.cleanup()
 
 
-def collector(cleanup: Callable[[Callable[[], object]], None], port: int, *topics: str, **kwargs: Any) -> Collector:
-    instance = Collector(port, *topics, **kwargs)
-    cleanup(instance.close)
-    return instance
-
-
 def feeder(cleanup: Callable[[Callable[[], object]], None], port: int, **kwargs: Any) -> Feeder:
     instance = Feeder(port, **kwargs)
     cleanup(instance.close)
@@ -308,12 +267,12 @@ def feeder(cleanup: Callable[[Callable[[], object]], None], port: int, **kwargs:
 
 
 def test_central_broker_down_for_30_seconds_loses_nothing_and_keeps_order(
-        tmp_path, internal_broker, central_broker, start_proxy, cleanup):
+        tmp_path, internal_broker, central_broker, cleanup):
     fleet = Fleet(meter_ids(100, prefix="33B1", start=100_000_000))
-    consumer = collector(cleanup, central_broker.port, "kpm33b/+/minutes", "kpm33b/+/seconds",
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes", "kpm33b/+/seconds",
                          client_id="outage-consumer", persistent=True)
-    proxy = start_proxy(tmp_path, proxy_document(internal_broker.port, central_broker.port,
-                                                 health={"stats_interval_seconds": 2}))
+    proxy = start_proxy(write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, level="INFO",
+                                                           sections={"health": {"stats_interval_seconds": 2}})))
     meters = feeder(cleanup, internal_broker.port)
     stream = Stream(meters, fleet, interval=0.5).start()  # 100 meters x 2 readings every 0.5 s: 400/s
     cleanup(stream.stop)
@@ -367,13 +326,13 @@ def test_central_broker_down_for_30_seconds_loses_nothing_and_keeps_order(
 
 
 def test_full_outgoing_queue_drops_the_oldest_with_a_warning_and_a_counter(
-        tmp_path, internal_broker, central_broker, start_proxy, cleanup):
+        tmp_path, internal_broker, central_broker, cleanup):
     fleet = Fleet(["33B1225950027"], seconds=False)
-    consumer = collector(cleanup, central_broker.port, "kpm33b/+/minutes", "kpm33b/bridge/stats",
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes", "kpm33b/bridge/stats",
                          client_id="small-queue-consumer", persistent=True)
-    proxy = start_proxy(tmp_path, proxy_document(internal_broker.port, central_broker.port,
-                                                 central_broker={"max_queued_messages": 100},
-                                                 health={"stats_interval_seconds": 1}))
+    proxy = start_proxy(write_config(tmp_path, config_dict(
+        internal_broker.port, central_broker.port, level="INFO",
+        sections={"central_broker": {"max_queued_messages": 100}, "health": {"stats_interval_seconds": 1}})))
     meters = feeder(cleanup, internal_broker.port)
     central_broker.stop()
     wait_for(lambda: "disconnected from the central broker" in proxy.output(), timeout=10)
@@ -405,12 +364,12 @@ def test_full_outgoing_queue_drops_the_oldest_with_a_warning_and_a_counter(
 
 
 def test_readings_published_while_the_proxy_is_killed_arrive_once_it_is_back(
-        tmp_path, internal_broker, central_broker, start_proxy, cleanup):
+        tmp_path, internal_broker, central_broker, cleanup):
     fleet = Fleet(meter_ids(10, prefix="33B1", start=200_000_000))
-    consumer = collector(cleanup, central_broker.port, "kpm33b/+/minutes", "kpm33b/+/seconds",
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes", "kpm33b/+/seconds",
                          client_id="kill-consumer", persistent=True)
-    document = proxy_document(internal_broker.port, central_broker.port)
-    proxy = start_proxy(tmp_path, document)
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO")
+    proxy = start_proxy(write_config(tmp_path, document))
     meters = feeder(cleanup, internal_broker.port)
     stream = Stream(meters, fleet, interval=0.1).start()  # 10 meters x 2 every 0.1 s: 200/s
     cleanup(stream.stop)
@@ -420,7 +379,7 @@ def test_readings_published_while_the_proxy_is_killed_arrive_once_it_is_back(
     sent_at_kill, round_at_kill = fleet.sent, fleet.round - 1
     wait_for(lambda: fleet.sent >= sent_at_kill + 500, timeout=30)
     sent_while_down = fleet.sent - sent_at_kill
-    proxy = start_proxy(tmp_path, document)
+    proxy = start_proxy(write_config(tmp_path, document))
     restarted_at = fleet.sent
     wait_for(lambda: fleet.sent >= restarted_at + 200, timeout=30)
     stream.stop()
@@ -455,11 +414,11 @@ def connection_attempts(broker: Mosquitto, client_id: str) -> int:
 
 
 def test_a_second_proxy_with_the_same_client_id_is_reported_and_not_fought_over(
-        tmp_path, internal_broker, central_broker, start_proxy):
-    document = proxy_document(internal_broker.port, central_broker.port)
-    first = start_proxy(tmp_path / "first", document)
+        tmp_path, internal_broker, central_broker):
+    document = config_dict(internal_broker.port, central_broker.port, level="INFO")
+    first = start_proxy(write_config(tmp_path / "first", document))
     # Another state directory, so the state lock does not stop it: only the client id collides.
-    second = start_proxy(tmp_path / "second", document)
+    second = start_proxy(write_config(tmp_path / "second", document))
     taken_over = "another client with the same client id took over the session on the internal broker"
     wait_for(lambda: taken_over in first.output() + second.output(), timeout=20)
     at_error = connection_attempts(internal_broker, "kpm33b-proxy")
@@ -489,14 +448,14 @@ def test_a_second_proxy_with_the_same_client_id_is_reported_and_not_fought_over(
 
 @pytest.mark.parametrize("session", ["kept", "lost"])
 def test_proxy_reconnects_and_resubscribes_after_the_internal_broker_restarts(
-        tmp_path, central_broker, start_proxy, cleanup, session):
+        tmp_path, central_broker, cleanup, session):
     # The shipped internal broker's queue limit: the readings published before the
     # proxy is back (1,200, above Mosquitto's default 1,000) wait in its session.
     internal = Mosquitto(extra_config="max_queued_messages 200000").start()
     cleanup(internal.cleanup)
     fleet = Fleet(meter_ids(20, prefix="33B1", start=300_000_000))
-    consumer = collector(cleanup, central_broker.port, "kpm33b/+/minutes", "kpm33b/+/seconds")
-    proxy = start_proxy(tmp_path, proxy_document(internal.port, central_broker.port))
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes", "kpm33b/+/seconds")
+    proxy = start_proxy(write_config(tmp_path, config_dict(internal.port, central_broker.port, level="INFO")))
     meters = feeder(cleanup, internal.port)
     meters.send_all(fleet.rounds(30))  # 1,200 readings
     wait_for(lambda: consumer.count() >= fleet.expected_total(), timeout=30)
@@ -633,7 +592,7 @@ FLOOD_RATE = {"mosquitto-defaults-64KB": 1_500.0, "internal.conf-1MB": None}
 
 @pytest.mark.parametrize("broker_kind", list(FLOOD_RATE))
 def test_hostile_flood_every_valid_reading_arrives_memory_flat_log_readable(
-        tmp_path, central_broker, start_proxy, cleanup, broker_kind):
+        tmp_path, central_broker, cleanup, broker_kind):
     rng = random.Random(f"hostile-{broker_kind}")
     rate = FLOOD_RATE[broker_kind]
     if broker_kind.startswith("internal.conf"):
@@ -650,9 +609,9 @@ def test_hostile_flood_every_valid_reading_arrives_memory_flat_log_readable(
         port, largest, size_limit = default_broker.port, 64 * 1024, None
         credentials, env = {}, None
     fleet = Fleet(meter_ids(16, prefix="33B1", start=400_000_000))
-    consumer = collector(cleanup, central_broker.port, "kpm33b/+/minutes", "kpm33b/+/seconds", "kpm33b/bridge/stats")
-    proxy = start_proxy(tmp_path / "proxy", proxy_document(port, central_broker.port,
-                                                         health={"stats_interval_seconds": 1}), env=env)
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes", "kpm33b/+/seconds", "kpm33b/bridge/stats")
+    proxy = start_proxy(write_config(tmp_path / "proxy", config_dict(
+        port, central_broker.port, level="INFO", sections={"health": {"stats_interval_seconds": 1}})), env=env)
     meters = feeder(cleanup, port, window=200, **credentials)
     started = time.monotonic()
 
@@ -713,14 +672,14 @@ def test_hostile_flood_every_valid_reading_arrives_memory_flat_log_readable(
         assert line.isprintable(), f"a log line with control characters: {line!r}"
 
 
-def test_flood_of_20000_fake_meter_ids_keeps_memory_bounded(tmp_path, central_broker, start_proxy, cleanup):
+def test_flood_of_20000_fake_meter_ids_keeps_memory_bounded(tmp_path, central_broker, cleanup):
     # The shipped internal.conf's queue limit: 20,000 new meters at once are read at ~2,000/s
     # (each is announced to Home Assistant), so at Mosquitto's default of 1,000 the broker
     # would drop part of the burst before it reached the proxy (measured: 3,536 of 20,000).
     internal_broker = Mosquitto(extra_config="max_queued_messages 200000").start()
     cleanup(internal_broker.cleanup)
-    consumer = collector(cleanup, central_broker.port, "kpm33b/+/minutes")
-    proxy = start_proxy(tmp_path, proxy_document(internal_broker.port, central_broker.port))
+    consumer = Collector(central_broker.port, "kpm33b/+/minutes")
+    proxy = start_proxy(write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, level="INFO")))
     meters = feeder(cleanup, internal_broker.port)
 
     def readings(first: int, count: int) -> list[tuple[str, bytes]]:
@@ -749,9 +708,9 @@ def test_flood_of_20000_fake_meter_ids_keeps_memory_bounded(tmp_path, central_br
 
 
 def test_stats_are_retained_exact_and_published_once_more_at_shutdown(
-        tmp_path, internal_broker, central_broker, start_proxy, cleanup):
-    proxy = start_proxy(tmp_path, proxy_document(internal_broker.port, central_broker.port,
-                                                 health={"stats_interval_seconds": 1}))
+        tmp_path, internal_broker, central_broker, cleanup):
+    proxy = start_proxy(write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, level="INFO",
+                                                           sections={"health": {"stats_interval_seconds": 1}})))
     fleet = Fleet(["33B1225950027", "33B1225950028", "KPM31A0000001"])
     valid = fleet.rounds(10)  # 60 readings
     repeats = valid[-5:]  # exact duplicates of the latest readings
@@ -768,9 +727,9 @@ def test_stats_are_retained_exact_and_published_once_more_at_shutdown(
     received = len(valid) + len(repeats) + len(zeros) + len(going_backwards) + len(garbage)
     expected_dropped = {"duplicate": 5, "all_zero": 4, "energy_decrease": 1, "not_json": 2, "bad_meter_id": 1}
 
-    live = collector(cleanup, central_broker.port, "kpm33b/bridge/stats")
+    live = Collector(central_broker.port, "kpm33b/bridge/stats")
     stats = wait_for(lambda: (s := latest_stats(live)) and s["received"] == received and s, timeout=10)
-    late = collector(cleanup, central_broker.port, "kpm33b/bridge/stats")  # a consumer that subscribes late
+    late = Collector(central_broker.port, "kpm33b/bridge/stats")  # a consumer that subscribes late
     wait_for(lambda: late.count() >= 1)
     assert late.messages[0][2] is True, "the first stats a late subscriber gets is the retained one"
     assert without_uptime(json.loads(late.messages[0][1])) == without_uptime(stats)
@@ -783,7 +742,7 @@ def test_stats_are_retained_exact_and_published_once_more_at_shutdown(
     assert stats["meters"] == 3
     assert isinstance(stats["uptime_seconds"], int) and 0 <= stats["uptime_seconds"] < 120
 
-    final = collector(cleanup, central_broker.port, "kpm33b/bridge/stats", "kpm33b/bridge/state")
+    final = Collector(central_broker.port, "kpm33b/bridge/stats", "kpm33b/bridge/state")
     wait_for(lambda: final.count("/stats") >= 2)
     assert proxy.terminate() == 0
     wait_for(lambda: final.on("kpm33b/bridge/state")[-1:] == [b"offline"], timeout=10)
@@ -795,7 +754,7 @@ def test_stats_are_retained_exact_and_published_once_more_at_shutdown(
     # Counted at shutdown with the offline state still queued ahead of it.
     assert last["queue_depth"] <= 1
     assert without_uptime(last) | {"queue_depth": 0} == without_uptime(stats)
-    retained = collector(cleanup, central_broker.port, "kpm33b/bridge/stats")
+    retained = Collector(central_broker.port, "kpm33b/bridge/stats")
     wait_for(lambda: retained.count() == 1)
     assert json.loads(retained.on("kpm33b/bridge/stats")[0]) == last
     assert retained.messages[0][2] is True

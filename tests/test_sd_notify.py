@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import shutil
-import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -14,62 +11,9 @@ from pathlib import Path
 
 import pytest
 from broker import wait_for
+from daemons import FakeSystemd
 
 from sd_notify import SystemdNotifier
-
-
-class FakeSystemd:
-    """A bound AF_UNIX datagram socket that records what the service sends, with arrival times."""
-
-    def __init__(self, address: str | bytes) -> None:
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.socket.bind(address)
-        self.socket.settimeout(0.05)
-        self.messages: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.socket.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.messages.append((time.monotonic(), data.decode()))
-
-    def received(self) -> list[str]:
-        with self._lock:
-            return [message for _, message in self.messages]
-
-    def times_of(self, message: str) -> list[float]:
-        with self._lock:
-            return [arrival for arrival, text in self.messages if text == message]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.socket.close()
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    # Short path: AF_UNIX socket paths are limited to 107 bytes.
-    directory = Path(tempfile.mkdtemp(prefix="sdn-"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def systemd(socket_dir: Path) -> Iterator[tuple[FakeSystemd, dict[str, str]]]:
-    path = str(socket_dir / "notify")
-    fake = FakeSystemd(path)
-    yield fake, {"NOTIFY_SOCKET": path}
-    fake.close()
 
 
 @pytest.fixture

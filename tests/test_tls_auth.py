@@ -9,32 +9,39 @@ show in its log ("wrong version number") and could never deliver anything.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from broker import Mosquitto, wait_for
 from certs import KeyPair, TestCertificates, make_certificates
-from daemons import ROOT, DaemonProcess, publish_all, publisher, write_config
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from daemons import (
+    PROXY_SCRIPT,
+    ROOT,
+    Collector,
+    config_dict,
+    energies,
+    lines_with,
+    publish_all,
+    publisher,
+    start_proxy,
+    write_config,
+)
+from payloads import eny_now, minute
 
 import config_loader
 
-PROXY_SCRIPT = "kpm33b_proxy.py"
 USERNAME = "kpm33b-proxy"
 PASSWORD = "env-secret-Xv42-do-not-log"  # distinctive, so that any leak is found
 FILE_PASSWORD = "file-secret-Zq81-do-not-log"
 TLS_NOT_ACCEPTED = "TLS certificate of the broker not accepted"
 PLAINTEXT_ON_TLS = "wrong version number"  # what Mosquitto logs when plain MQTT reaches its TLS listener
+FIRST_READING = datetime(2026, 1, 17, 21, 0)
 
 
 @pytest.fixture(scope="module")
@@ -62,81 +69,17 @@ def password_file(directory: Path, username: str, password: str) -> Path:
     return path
 
 
-class TlsConsumer:
-    """A consumer of the central broker over TLS (with the right CA and a client certificate)."""
-
-    def __init__(self, port: int, certificates: TestCertificates, *topics: str,
-                 username: str | None = None, password: str | None = None) -> None:
-        self._lock = threading.Lock()
-        self.messages: list[tuple[str, bytes]] = []
-        subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"tls-consumer-{uuid.uuid4().hex[:8]}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.tls_set(ca_certs=str(certificates.ca.cert), certfile=str(certificates.client.cert),
-                            keyfile=str(certificates.client.key))
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.client.on_connect = lambda client, *_: client.subscribe([(topic, 1) for topic in topics])
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert subscribed.wait(10), "the TLS consumer could not subscribe"
-
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append((message.topic, message.payload))
-
-    def on(self, topic: str) -> list[bytes]:
-        with self._lock:
-            return [payload for t, payload in self.messages if t == topic]
-
-    def readings(self) -> list[tuple[str, bytes]]:
-        """Messages on meter topics (not the bridge's own state)."""
-        with self._lock:
-            return [(t, p) for t, p in self.messages if not t.startswith("kpm33b/bridge/")]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+def tls_client(certificates: TestCertificates) -> dict[str, Path]:
+    """The Collector options of a consumer of the central broker over TLS: the right CA and a client certificate."""
+    return {"ca_file": certificates.ca.cert, "cert_file": certificates.client.cert,
+            "key_file": certificates.client.key}
 
 
-def consumer(cleanup: Callable[[Callable[[], object]], None], *args: Any, **kwargs: Any) -> TlsConsumer:
-    instance = TlsConsumer(*args, **kwargs)
-    cleanup(instance.close)
-    return instance
-
-
-def proxy_config(directory: Path, internal_port: int, central: dict[str, Any], level: str = "DEBUG") -> Path:
-    """A proxy configuration with ``central`` as its central_broker section."""
-    directory.mkdir(parents=True, exist_ok=True)
-    return write_config(directory, {
-        "internal_broker": {"host": "127.0.0.1", "port": internal_port},
-        "central_broker": central,
-        "logging": {"level": level},
-    })
-
-
-def start_proxy(cleanup: Callable[[Callable[[], object]], None], config: Path,
-                env: dict[str, str] | None = None) -> DaemonProcess:
-    daemon = DaemonProcess(PROXY_SCRIPT, config, env=env)
-    cleanup(lambda: daemon.kill() if daemon.alive() else None)
-    return daemon
-
-
-def eny_now(energy: float, minute: int = 0) -> tuple[str, str]:
-    return ("MQTT_ENY_NOW", json.dumps({"id": "33B1225950027", "zygsz": energy, "fygsz": 0.0,
-                                        "time": f"202601172{minute // 60 + 1}{minute % 60:02d}00", "isend": "1"}))
-
-
-def publish_readings(cleanup: Callable[[Callable[[], object]], None], port: int, count: int) -> None:
-    client = publisher(port)
-    cleanup(lambda: (client.disconnect(), client.loop_stop()))
-    publish_all(client, [eny_now(100.0 + index, index) for index in range(count)])
-
-
-def error_lines(daemon: DaemonProcess, text: str) -> list[str]:
-    return [line for line in daemon.output().splitlines() if text in line]
+def publish_readings(port: int, count: int) -> None:
+    """``count`` readings of meter 33B1225950027, one a minute from 21:00, energy 100.0 kWh, 101.0, …"""
+    readings = [("MQTT_ENY_NOW", eny_now("33B1225950027", minute(index, FIRST_READING), 100.0 + index))
+                for index in range(count)]
+    publish_all(publisher(port), readings)  # disconnected when the test ends (conftest)
 
 
 # --- readings over TLS ---------------------------------------------------------------------
@@ -145,16 +88,13 @@ def error_lines(daemon: DaemonProcess, text: str) -> list[str]:
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_readings_arrive_over_tls(tmp_path, internal_broker, certificates, cleanup, host):
     central = tls_broker(cleanup, certificates, certificates.server)
-    live = consumer(cleanup, central.port, certificates, "kpm33b/#")
-    config = proxy_config(tmp_path, internal_broker.port,
-                          {"host": host, "port": central.port, "tls": {"ca_file": str(certificates.ca.cert)}})
-    proxy = start_proxy(cleanup, config)
-    wait_for(lambda: "bridge state online" in proxy.output() or not proxy.alive(), timeout=20)
-    assert proxy.alive(), proxy.output()
-    publish_readings(cleanup, internal_broker.port, 3)
+    live = Collector(central.port, "kpm33b/#", **tls_client(certificates))
+    config = write_config(tmp_path, config_dict(internal_broker.port, central.port, sections={
+        "central_broker": {"host": host, "tls": {"ca_file": str(certificates.ca.cert)}}}))
+    proxy = start_proxy(config)
+    publish_readings(internal_broker.port, 3)
     wait_for(lambda: len(live.on("kpm33b/33B1225950027/minutes")) == 3)
-    assert [json.loads(payload)["active_energy"] for payload in live.on("kpm33b/33B1225950027/minutes")] == [
-        100.0, 101.0, 102.0]
+    assert energies(live, "33B1225950027") == [100.0, 101.0, 102.0]
     assert f"central broker mqtts://{host}:{central.port}" in proxy.output()
     assert PLAINTEXT_ON_TLS not in central.log()
     assert proxy.terminate() == 0
@@ -164,16 +104,13 @@ def test_readings_arrive_with_a_required_client_certificate_and_a_password(
         tmp_path, internal_broker, certificates, cleanup):
     central = tls_broker(cleanup, certificates, certificates.server, require_certificate=True,
                          password_file=password_file(tmp_path, USERNAME, PASSWORD))
-    live = consumer(cleanup, central.port, certificates, "kpm33b/#", username=USERNAME, password=PASSWORD)
+    live = Collector(central.port, "kpm33b/#", **tls_client(certificates), username=USERNAME, password=PASSWORD)
     tls = {"ca_file": str(certificates.ca.cert), "cert_file": str(certificates.client.cert),
            "key_file": str(certificates.client.key)}
-    config = proxy_config(tmp_path / "proxy", internal_broker.port,
-                          {"host": "127.0.0.1", "port": central.port, "tls": tls, "username": USERNAME,
-                           "password": FILE_PASSWORD})
-    proxy = start_proxy(cleanup, config, env={"KPM33B_CENTRAL_PASSWORD": PASSWORD})  # the environment wins
-    wait_for(lambda: "bridge state online" in proxy.output() or not proxy.alive(), timeout=20)
-    assert proxy.alive(), proxy.output()
-    publish_readings(cleanup, internal_broker.port, 3)
+    config = write_config(tmp_path / "proxy", config_dict(internal_broker.port, central.port, sections={
+        "central_broker": {"tls": tls, "username": USERNAME, "password": FILE_PASSWORD}}))
+    proxy = start_proxy(config, env={"KPM33B_CENTRAL_PASSWORD": PASSWORD})  # the environment wins
+    publish_readings(internal_broker.port, 3)
     wait_for(lambda: len(live.on("kpm33b/33B1225950027/minutes")) == 3)
     assert re.search(rf"New client connected from \S+ as kpm33b-proxy-\S+ \(p5, c1, k60, u'{USERNAME}'\)",
                      central.log())
@@ -188,22 +125,22 @@ def test_readings_arrive_with_a_required_client_certificate_and_a_password(
 def test_wrong_ca_is_an_error_naming_the_cause_and_nothing_goes_in_plaintext(
         tmp_path, internal_broker, certificates, cleanup):
     central = tls_broker(cleanup, certificates, certificates.server)
-    live = consumer(cleanup, central.port, certificates, "kpm33b/#")
-    config = proxy_config(tmp_path, internal_broker.port, {
-        "host": "127.0.0.1", "port": central.port, "tls": {"ca_file": str(certificates.stranger_ca.cert)}})
-    proxy = start_proxy(cleanup, config)
-    wait_for(lambda: error_lines(proxy, TLS_NOT_ACCEPTED), timeout=20)
-    publish_readings(cleanup, internal_broker.port, 3)
+    live = Collector(central.port, "kpm33b/#", **tls_client(certificates))
+    config = write_config(tmp_path, config_dict(internal_broker.port, central.port, sections={
+        "central_broker": {"tls": {"ca_file": str(certificates.stranger_ca.cert)}}}))
+    proxy = start_proxy(config, wait_online=False)
+    wait_for(lambda: lines_with(proxy.output(), TLS_NOT_ACCEPTED), timeout=20)
+    publish_readings(internal_broker.port, 3)
     wait_for(lambda: "subscribed to" in proxy.output() and proxy.output().count("is online") >= 1, timeout=10)
     # Another refused attempt after the readings were queued: they had every chance to go out.
-    failed_before = len(error_lines(proxy, TLS_NOT_ACCEPTED))
-    wait_for(lambda: len(error_lines(proxy, TLS_NOT_ACCEPTED)) >= failed_before + 1, timeout=30)
-    errors = error_lines(proxy, TLS_NOT_ACCEPTED)
+    failed_before = len(lines_with(proxy.output(), TLS_NOT_ACCEPTED))
+    wait_for(lambda: len(lines_with(proxy.output(), TLS_NOT_ACCEPTED)) >= failed_before + 1, timeout=30)
+    errors = lines_with(proxy.output(), TLS_NOT_ACCEPTED)
     print(f"\n[wrong CA] {len(errors)} refused TLS attempts; first: {errors[0]}")
     assert all(" ERROR " in line for line in errors)
     assert "certificate verify failed" in errors[0] or "issuer" in errors[0] or "self-signed" in errors[0]
     assert "connected to the central broker" not in proxy.output()
-    assert live.readings() == []
+    assert [topic for topic in live.topics() if not topic.startswith("kpm33b/bridge/")] == []
     log = central.log()
     assert "tlsv1 alert unknown ca" in log  # the broker saw TLS handshakes, refused by the proxy
     assert PLAINTEXT_ON_TLS not in log
@@ -214,11 +151,11 @@ def test_wrong_ca_is_an_error_naming_the_cause_and_nothing_goes_in_plaintext(
 
 def test_wrong_host_name_is_an_error_naming_the_mismatch(tmp_path, internal_broker, certificates, cleanup):
     central = tls_broker(cleanup, certificates, certificates.other_host)  # valid for "otherhost" only
-    config = proxy_config(tmp_path, internal_broker.port, {
-        "host": "localhost", "port": central.port, "tls": {"ca_file": str(certificates.ca.cert)}})
-    proxy = start_proxy(cleanup, config)
-    wait_for(lambda: len(error_lines(proxy, TLS_NOT_ACCEPTED)) >= 2, timeout=20)
-    errors = error_lines(proxy, TLS_NOT_ACCEPTED)
+    config = write_config(tmp_path, config_dict(internal_broker.port, central.port, sections={
+        "central_broker": {"host": "localhost", "tls": {"ca_file": str(certificates.ca.cert)}}}))
+    proxy = start_proxy(config, wait_online=False)
+    wait_for(lambda: len(lines_with(proxy.output(), TLS_NOT_ACCEPTED)) >= 2, timeout=20)
+    errors = lines_with(proxy.output(), TLS_NOT_ACCEPTED)
     print(f"\n[wrong host name] {errors[0]}")
     assert all(" ERROR " in line for line in errors)
     assert re.search(r"[Hh]ostname mismatch.*'localhost'", errors[0]), errors[0]
@@ -233,20 +170,20 @@ def test_refused_credentials_are_an_error_retried_slowly_and_the_password_never_
         tmp_path, internal_broker, certificates, cleanup):
     central = tls_broker(cleanup, certificates, certificates.server,
                          password_file=password_file(tmp_path, USERNAME, "the-right-one"))
-    config = proxy_config(tmp_path / "proxy", internal_broker.port, {
-        "host": "127.0.0.1", "port": central.port, "tls": {"ca_file": str(certificates.ca.cert)},
-        "username": USERNAME, "password": FILE_PASSWORD})
-    proxy = start_proxy(cleanup, config, env={"KPM33B_CENTRAL_PASSWORD": PASSWORD})
+    config = write_config(tmp_path / "proxy", config_dict(internal_broker.port, central.port, sections={
+        "central_broker": {"tls": {"ca_file": str(certificates.ca.cert)}, "username": USERNAME,
+                           "password": FILE_PASSWORD}}))
+    proxy = start_proxy(config, env={"KPM33B_CENTRAL_PASSWORD": PASSWORD}, wait_online=False)
     refused = "refused the credentials"
-    wait_for(lambda: error_lines(proxy, refused), timeout=20)
+    wait_for(lambda: lines_with(proxy.output(), refused), timeout=20)
     observed_from = time.monotonic()
     # Count the attempts over ~10 s: a tight loop would retry every second or two.
     while time.monotonic() - observed_from < 10:
         assert proxy.alive()
         time.sleep(0.5)
     attempts = central.log().count("disconnected, not authorised")
-    print(f"\n[refused credentials] connection attempts in ~11 s: {attempts}; {error_lines(proxy, refused)[0]}")
-    assert all(" ERROR " in line and "retrying slowly" in line for line in error_lines(proxy, refused))
+    print(f"\n[refused credentials] connection attempts in ~11 s: {attempts}; {lines_with(proxy.output(), refused)[0]}")
+    assert all(" ERROR " in line and "retrying slowly" in line for line in lines_with(proxy.output(), refused))
     assert 1 <= attempts <= 2
     assert proxy.terminate() == 0
     output = proxy.output()
@@ -259,10 +196,10 @@ def test_refused_credentials_are_an_error_retried_slowly_and_the_password_never_
     assert checked.returncode == 0, checked.stderr
     assert f"mqtts://{USERNAME}:***@127.0.0.1:{central.port}" in checked.stdout
     # A typo'd key holding the password, and a password YAML reads as a number (not allowed).
-    typo = proxy_config(tmp_path / "typo", internal_broker.port, {
-        "host": "127.0.0.1", "port": central.port, "username": USERNAME, "pasword": FILE_PASSWORD})
-    numeric = proxy_config(tmp_path / "numeric", internal_broker.port, {
-        "host": "127.0.0.1", "port": central.port, "username": USERNAME, "password": 987_654_321})
+    typo = write_config(tmp_path / "typo", config_dict(internal_broker.port, central.port, sections={
+        "central_broker": {"username": USERNAME, "pasword": FILE_PASSWORD}}))
+    numeric = write_config(tmp_path / "numeric", config_dict(internal_broker.port, central.port, sections={
+        "central_broker": {"username": USERNAME, "password": 987_654_321}}))
     outputs = [checked.stdout + checked.stderr]
     for broken, problem in ((typo, "central_broker.pasword: unknown key"), (numeric, "central_broker.password: ")):
         rejected = subprocess.run([sys.executable, str(ROOT / PROXY_SCRIPT), "--config", str(broken),
