@@ -140,7 +140,7 @@ def test_exported_energy_reaches_the_central_broker_for_the_meters_that_ask_and_
                                                 devices={other: {"export_energy": False}}))
     collector = Collector(central_broker.port, MINUTES_TOPIC, f"kpm33b/{other}/minutes",
                           f"homeassistant/sensor/kpm33b_{METER}/active_energy_export/config")
-    proxy = start_proxy(config, central_broker.port)
+    proxy = start_proxy(config)
     client = publisher(internal_broker.port)
 
     publish_all(client, [("MQTT_ENY_NOW", json.dumps({"id": METER, "zygsz": 100.0 + n / 10, "fygsz": export,
@@ -152,7 +152,7 @@ def test_exported_energy_reaches_the_central_broker_for_the_meters_that_ask_and_
     wait_for(lambda: len(collector.on(MINUTES_TOPIC)) == 4 and collector.on(f"kpm33b/{other}/minutes"),
              timeout=15)
     assert [json.loads(p)["active_energy_export"] for p in collector.on(MINUTES_TOPIC)] == [20.0, 20.5, None, 20.7]
-    assert energies(collector) == [100.0, 100.1, 100.2, 100.3]
+    assert energies(collector, METER) == [100.0, 100.1, 100.2, 100.3]
     assert json.loads(collector.on(f"kpm33b/{other}/minutes")[0]) == {
         "id": other, "time": "2026-01-12T17:00:00", "active_energy": 7.0}
     config_payload = json.loads(collector.on(
