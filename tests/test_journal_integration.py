@@ -318,7 +318,8 @@ def test_a_full_file_system_while_running_is_one_error_forwarding_goes_on_and_th
     filler.unlink()  # space is back: the next retry writes every acknowledged floor
     journal = state / "energy.journal"
     wait_for(lambda: journal.read_text() == f"{METER} 103.99 20260112063900\n", timeout=20)
-    assert lines_with(proxy.output(), "is written again", level="WARNING")
+    # The file is in place before the line is logged (through the log's writer thread).
+    wait_for(lambda: lines_with(proxy.output(), "is written again", level="WARNING"), timeout=5)
     send(internal_broker.port, [reading(METER, 400, 104.0)])
     wait_for(lambda: len(energies(consumer, METER)) == 401, timeout=10)
     assert proxy.terminate() == 0
