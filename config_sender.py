@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,7 +64,7 @@ from command_tracking import (
     meters_to_configure,
     parse_reading_time,
 )
-from config_loader import Config, ConfigError, describe, load_config
+from config_loader import Config, ConfigError, describe, keep_connection_settings, load_config, restart_only_changes
 from config_watch import ConfigWatcher, file_signature
 from daemon import (
     ALERT,
@@ -168,12 +168,6 @@ class _Handed(NamedTuple):
 
     command: Command
     topic: str
-
-
-def _restart_only_changes(old: Config, new: Config) -> list[str]:
-    """The sections of a new configuration that only a restart applies."""
-    names = ("internal_broker", "central_broker", "internal_broker_topics", "central_broker_topics")
-    return [name for name in names if getattr(old, name) != getattr(new, name)]
 
 
 class ConfigSender:
@@ -621,13 +615,11 @@ class ConfigSender:
             logger.error("keeping the last good configuration; nothing sent")
             return
         old = self._config
-        restart_only = _restart_only_changes(old, new)
+        restart_only = restart_only_changes(old, new)
         if restart_only:
             logger.warning("%s changed in %s: broker connection settings take effect only when config_sender "
                            "restarts", ", ".join(restart_only), self._config_path)
-        self._config = replace(new, internal_broker=old.internal_broker, central_broker=old.central_broker,
-                               internal_broker_topics=old.internal_broker_topics,
-                               central_broker_topics=old.central_broker_topics)
+        self._config = keep_connection_settings(old, new)
         if new.logging.level != old.logging.level:
             logging.getLogger().setLevel(new.logging.level)
         targets = meters_to_configure(self._tracker.known_meters(), self._tracker.offline_meters(),
