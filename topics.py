@@ -28,6 +28,7 @@ METER_ID_PATTERN = re.compile(r"[0-9A-Za-z]{13}")
 SECONDS = "seconds"  # active power (and the per-phase values), from MQTT_RT_DATA
 MINUTES = "minutes"  # active energy, from MQTT_ENY_NOW
 AVAILABILITY = "availability"  # online / offline
+CONFIG_STATUS = "config_status"  # the config sender's retained result of the last push to a meter
 # What the config sender follows per meter, availability first: Mosquitto delivers
 # retained messages subscription by subscription, so a restarted sender learns
 # which meters are offline before their old readings arrive.
@@ -64,6 +65,11 @@ def retained_meter_topics(main_topic: str, meter_id: str) -> tuple[str, ...]:
     """The retained topics the proxy keeps per meter: cleared when the meter is excluded."""
     return (reading_topic(main_topic, meter_id, SECONDS), reading_topic(main_topic, meter_id, MINUTES),
             availability_topic(main_topic, meter_id))
+
+
+def config_status_topic(main_topic: str, meter_id: str) -> str:
+    """A meter's configuration status, retained by the config sender, read by Home Assistant and kpm33b_status."""
+    return f"{main_topic}/{meter_id}/{CONFIG_STATUS}"
 
 
 def bridge_state_topic(main_topic: str) -> str:
