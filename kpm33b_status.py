@@ -155,6 +155,11 @@ def _wire(client: mqtt.Client, settings: BrokerSettings, events: _Events, connec
     """The callbacks: the daemons' ConnectionReporter runs the handshake (MQTT version, fall-back)."""
     reporter = ConnectionReporter(client, "central", settings, _silent)
     reporter_failed = client.on_connect_fail
+    reporter_pre_connect = client.on_pre_connect
+
+    def on_pre_connect(c: mqtt.Client, userdata: Any) -> None:
+        reporter_pre_connect(c, userdata)
+        events.put("attempt")
 
     def on_connect_fail(c: mqtt.Client, userdata: Any) -> None:
         error = sys.exc_info()[1]  # paho calls this inside its `except OSError` block
@@ -179,6 +184,7 @@ def _wire(client: mqtt.Client, settings: BrokerSettings, events: _Events, connec
     def on_message(_c: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         events.put("message", message.topic, message.payload, bool(message.retain))
 
+    client.on_pre_connect = on_pre_connect
     client.on_connect_fail = on_connect_fail
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
@@ -189,18 +195,23 @@ def _wire(client: mqtt.Client, settings: BrokerSettings, events: _Events, connec
 def _await_connack(events: _Events, settings: BrokerSettings, connect_seconds: float) -> None:
     """Until the broker accepted us; Unreachable at the first failure that no retry would mend."""
     deadline = time.monotonic() + connect_seconds
+    refused = False  # this attempt was refused already: the connection's end that follows is no news
     while True:
         event = events.next(deadline)
         if event is None:
             raise Unreachable(_timed_out(connect_seconds))
         match event:
+            case ("attempt",):
+                refused = False
             case ("connected",):
                 return
             case ("failed", reason):
                 raise Unreachable(reason)
-            case ("refused", reason, False):
-                raise Unreachable(f"refused the connection: {reason}")
-            case ("closed", _reason, False):
+            case ("refused", reason, switched):
+                if not switched:
+                    raise Unreachable(f"refused the connection: {reason}")
+                refused = True
+            case ("closed", _reason, False) if not refused:
                 hint = tls_hint(settings.port, settings.tls is not None, "central_broker")
                 raise Unreachable("closed the connection before answering the CONNECT ("
                                   + (hint or "not an MQTT broker, or a TLS port spoken to in plain text") + ")")
