@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from daemons import (
     write_config,
 )
 from paho.mqtt.enums import CallbackAPIVersion
+
+from config_loader import BrokerSettings
+from kpm33b_status import read_retained, subscription_steps
 
 METERS = ["33B1225950027", "33B1225950028", "33B1225950029"]
 NAMED = METERS[0]
@@ -289,3 +293,37 @@ def publisher_311(port: int) -> mqtt.Client:
     client.loop_start()
     wait_for(client.is_connected)
     return client
+
+
+def test_live_readings_arriving_all_the_time_do_not_keep_it_reading(central_broker: Mosquitto) -> None:
+    """Only retained messages hold a step open: a busy fleet's live readings would otherwise run to the cap."""
+    client = publisher(central_broker.port)
+    client.publish(f"kpm33b/{METERS[0]}/availability", "online", qos=1, retain=True).wait_for_publish(5)
+    stop = threading.Event()
+
+    def flood() -> None:
+        n = 0
+        while not stop.wait(0.01):  # 100 live readings a second, never retained
+            n += 1
+            client.publish(f"kpm33b/{METERS[1]}/seconds", json.dumps({"active_power": n}), qos=0)
+
+    flooding = threading.Thread(target=flood)
+    flooding.start()
+    try:
+        retained = read_retained(BrokerSettings(host="127.0.0.1", port=central_broker.port),
+                                 subscription_steps("kpm33b", None), read_seconds=30)
+    finally:
+        stop.set()
+        flooding.join()
+
+    assert retained.complete  # every step went quiet long before the 30 s
+    topics = [topic for topic, _payload in retained.messages]
+    assert f"kpm33b/{METERS[0]}/availability" in topics
+    assert f"kpm33b/{METERS[1]}/seconds" in topics  # the live readings are kept: they are the newest
+
+
+def test_the_cap_ends_the_reading_and_says_it_is_incomplete(central_broker: Mosquitto) -> None:
+    retained = read_retained(BrokerSettings(host="127.0.0.1", port=central_broker.port),
+                             subscription_steps("kpm33b", None), read_seconds=0)
+
+    assert retained.complete is False
