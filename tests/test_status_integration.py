@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from amqtt_broker import Amqtt
 from broker import Mosquitto, free_port, wait_for
+from certs import TestCertificates, make_certificates
 from daemons import (
     PUBLISHERS,
     ROOT,
@@ -42,10 +44,10 @@ def environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("KPM33B_")}
 
 
-def run_status(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_status(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The status command to its end; its exit code, standard output and error."""
     return subprocess.run([*STATUS, "--config", str(config), *args], capture_output=True, text=True, timeout=60,
-                          env=environment(), cwd=config.parent)
+                          env={**environment(), **(env or {})}, cwd=config.parent)
 
 
 def latest(collector: Collector, topic: str) -> dict[str, Any]:
@@ -327,3 +329,60 @@ def test_the_cap_ends_the_reading_and_says_it_is_incomplete(central_broker: Mosq
                              subscription_steps("kpm33b", None), read_seconds=0)
 
     assert retained.complete is False
+
+
+def test_a_broker_that_never_answers_is_a_timeout(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # takes the connection (the kernel's backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        result = run_status(write_config(tmp_path, config_dict(free_port(), port)))
+
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"kpm33b_status: cannot read the central broker 127.0.0.1:{port}: timed out: no answer "
+                             "within 5 s (a firewall, the wrong host, or not an MQTT broker?)\n")
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
+    return make_certificates(tmp_path_factory.mktemp("certificates"))
+
+
+def test_tls_and_credentials_as_the_daemons_use_them_and_a_wrong_ca_in_one_line(
+        tmp_path: Path, certificates: TestCertificates) -> None:
+    passwords = tmp_path / "passwd"
+    passwords.touch()
+    subprocess.run(["mosquitto_passwd", "-b", str(passwords), "reader", "s3cret"], check=True, timeout=30)
+    broker = Mosquitto(anonymous=False, extra_config="\n".join([
+        f"cafile {certificates.ca.cert}", f"certfile {certificates.server.cert}",
+        f"keyfile {certificates.server.key}", f"password_file {passwords}"])).start()
+    try:
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        PUBLISHERS.append(client)
+        client.tls_set(ca_certs=str(certificates.ca.cert))
+        client.username_pw_set("reader", "s3cret")
+        client.connect("localhost", broker.port)
+        client.loop_start()
+        client.publish("kpm33b/bridge/state", "online", qos=1, retain=True).wait_for_publish(5)
+        trusted = write_config(tmp_path / "trusted", config_dict(free_port(), broker.port, sections={
+            "central_broker": {"host": "localhost", "username": "reader",
+                               "tls": {"ca_file": str(certificates.ca.cert)}}}))
+        stranger = write_config(tmp_path / "stranger", config_dict(free_port(), broker.port, sections={
+            "central_broker": {"host": "localhost", "username": "reader",
+                               "tls": {"ca_file": str(certificates.stranger_ca.cert)}}}))
+
+        read = run_status(trusted, "--json", env={"KPM33B_CENTRAL_PASSWORD": "s3cret"})
+        wrong_password = run_status(trusted, env={"KPM33B_CENTRAL_PASSWORD": "guess"})
+        untrusted = run_status(stranger, env={"KPM33B_CENTRAL_PASSWORD": "s3cret"})
+    finally:
+        broker.cleanup()
+
+    assert read.returncode == 0, read.stderr
+    assert json.loads(read.stdout)["bridge"]["state"] == "online"
+    assert wrong_password.returncode == 2
+    assert wrong_password.stderr == (f"kpm33b_status: cannot read the central broker localhost:{broker.port}: "
+                                     "refused the connection: Not authorized\n")
+    assert untrusted.returncode == 2 and untrusted.stdout == ""
+    assert untrusted.stderr.startswith(f"kpm33b_status: cannot read the central broker localhost:{broker.port}: "
+                                       "TLS certificate of the broker not accepted")
+    assert len(untrusted.stderr.splitlines()) == 1
