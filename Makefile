@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The container test runs podman as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help deps demo run test test-container lint bench install uninstall clean
+.PHONY: help deps demo run status test test-container lint bench install uninstall clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -23,6 +23,13 @@ demo: deps ## brokers, both daemons and simulated meters; shows the clean messag
 
 run: deps ## brokers and both daemons for real meters (no simulator)
 	$(PY) tools/run_local.py
+
+# `make status` reads the system `make demo` or `make run` started (their run/config.yaml), unless
+# KPM33B_CONFIG names a configuration; ARGS= passes options on, e.g. ARGS="--json --meter 33B1225950027".
+STATUS_CONFIG := $(if $(KPM33B_CONFIG),,$(if $(wildcard run/config.yaml),--config run/config.yaml))
+
+status: deps ## the bridge and every meter from the central broker's retained topics (ARGS="--json --meter ID")
+	$(PY) kpm33b_status.py $(STATUS_CONFIG) $(ARGS)
 
 test: deps ## lint and the whole test suite, integration tests included
 	$(VENV)/bin/ruff check .

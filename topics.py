@@ -33,6 +33,8 @@ CONFIG_STATUS = "config_status"  # the config sender's retained result of the la
 # retained messages subscription by subscription, so a restarted sender learns
 # which meters are offline before their old readings arrive.
 METER_LEAVES = (AVAILABILITY, SECONDS, MINUTES)
+# What kpm33b_status reads per meter: the config sender's result too.
+STATUS_LEAVES = (*METER_LEAVES, CONFIG_STATUS)
 ONLINE = "online"
 OFFLINE = "offline"
 
@@ -107,16 +109,16 @@ class MeterTopic:
     """A per-meter topic on the central broker: ``<main>/<meter id>/<leaf>``."""
 
     meter_id: str
-    leaf: str  # availability, seconds or minutes
+    leaf: str  # availability, seconds or minutes (config_status with STATUS_LEAVES)
 
 
-def parse_meter_topic(main_topic: str, topic: str) -> MeterTopic | None:
-    """The meter and leaf of a central topic; None for anything else (``bridge/state`` …)."""
+def parse_meter_topic(main_topic: str, topic: str, leaves: tuple[str, ...] = METER_LEAVES) -> MeterTopic | None:
+    """The meter and leaf of a central topic; None for anything else (``bridge/state``, a leaf not in ``leaves`` …)."""
     prefix = main_topic + "/"
     if not topic.startswith(prefix):
         return None
     parts = topic[len(prefix):].split("/")
-    if len(parts) != 2 or parts[1] not in METER_LEAVES or not METER_ID_PATTERN.fullmatch(parts[0]):
+    if len(parts) != 2 or parts[1] not in leaves or not METER_ID_PATTERN.fullmatch(parts[0]):
         return None
     return MeterTopic(meter_id=parts[0], leaf=parts[1])
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from topics import (
+    STATUS_LEAVES,
     MeterTopic,
     availability_topic,
     bridge_devices_topic,
     bridge_state_topic,
     bridge_stats_topic,
     command_topic,
+    config_status_topic,
     discovery_subscription,
     discovery_topic,
     ha_status_topic,
@@ -56,3 +58,12 @@ def test_built_topics_parse_back(kind: str) -> None:
     topic = availability_topic("kpm33b", METER) if kind == "availability" else reading_topic("kpm33b", METER, kind)
     assert parse_meter_topic("kpm33b", topic) == MeterTopic(METER, kind)
     assert parse_discovery_topic(discovery_topic("ha", METER, "voltage_l1"), "ha") == (METER, "voltage_l1")
+
+
+def test_the_configuration_status_parses_back_only_when_asked_for() -> None:
+    topic = config_status_topic("kpm33b", METER)
+    assert topic == "kpm33b/33B1225950027/config_status"
+    assert parse_meter_topic("kpm33b", topic) is None  # not one of the leaves the config sender follows
+    assert parse_meter_topic("kpm33b", topic, STATUS_LEAVES) == MeterTopic(METER, "config_status")
+    assert parse_meter_topic("kpm33b", "kpm33b/bridge/config_status", STATUS_LEAVES) is None
+    assert parse_meter_topic("kpm33b", "kpm33b/33B1225950027/other", STATUS_LEAVES) is None
