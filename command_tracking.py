@@ -33,6 +33,10 @@ The rules it implements:
   no alert) and gets the current settings as soon as it is heard from again.
 - Deadlines live in a heap, so a thousand commands in flight cost one timer,
   not a thousand.
+- A meter's configuration status (``applied``, ``pending``, ``no_reply``,
+  ``refused``: ``config_state_of``) follows from its latest interval
+  commands; ``take_touched`` names the meters whose commands changed, so the
+  daemon looks again at those only (``config_status`` decides what to publish).
 """
 
 from __future__ import annotations
