@@ -238,6 +238,8 @@ class ConfigSender:
         self._wire_callbacks()
         self._rejections = RateLimitedLog(logger)
         self._refusals = RateLimitedLog(logger, what="refused publishes")
+        # Its own limit: a fleet's statuses refused at once must not hide a refused command or the stats.
+        self._status_refusals = RateLimitedLog(logger, what="refused configuration statuses")
         # Commands handed to paho and not yet acknowledged by the broker; the rest wait in the
         # tracker's own queue (paho's is unbounded and its 16-bit message ids wrap: design.md).
         self._window: PublishWindow[_Handed] = PublishWindow(self._command_settled)
@@ -308,6 +310,7 @@ class ConfigSender:
             client.loop_stop()
         self._rejections.flush()
         self._refusals.flush()
+        self._status_refusals.flush()
         logger.info("config_sender stopped")
 
     def run(self, stop: threading.Event) -> int:
@@ -718,9 +721,9 @@ class ConfigSender:
             self._statuses.again(status.meter_id)
         else:
             self._status_counts["config_status_refused"] += 1
-            self._refusals.error(refused, "the central broker refused %s: %s; the configuration status of meter %s "
-                                 "is not %s", status.topic, refused, status.meter_id,
-                                 "cleared" if status.cleared else "published")
+            self._status_refusals.error(refused, "the central broker refused %s: %s; the configuration status of "
+                                        "meter %s is not %s", status.topic, refused, status.meter_id,
+                                        "cleared" if status.cleared else "published")
 
     # --- configuration reload -----------------------------------------------------------
 
