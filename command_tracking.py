@@ -33,6 +33,10 @@ The rules it implements:
   no alert) and gets the current settings as soon as it is heard from again.
 - Deadlines live in a heap, so a thousand commands in flight cost one timer,
   not a thousand.
+- A meter's configuration status (``applied``, ``pending``, ``no_reply``,
+  ``refused``: ``config_state_of``) follows from its latest interval
+  commands; ``take_touched`` names the meters whose commands changed, so the
+  daemon looks again at those only (``config_status`` decides what to publish).
 """
 
 from __future__ import annotations
@@ -41,13 +45,15 @@ import heapq
 import json
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
+from typing import NamedTuple
 
 from availability import silence_limit
 from config_loader import InternalTopics, MeterSettings
+from config_status import ConfigState
 from topics import AVAILABILITY, command_topic, is_valid_meter_id
 
 OPRID_LENGTH = 32
@@ -268,6 +274,54 @@ def meters_to_configure(known: Iterable[str], offline: Iterable[str], settings: 
     return sorted(m for m in known if m not in settings.exclude and m not in offline_set)
 
 
+class SlotView(NamedTuple):
+    """The latest command of one meter and kind, as the configuration status sees it."""
+
+    status: SlotStatus
+    value: str      # the interval it set
+    attempt: int    # 0 for the first send, n for the n-th retry
+
+
+# What a meter's command is doing, for its configuration status.
+_SLOT_SENDING = frozenset({SlotStatus.QUEUED, SlotStatus.WAITING})
+_SLOT_UNANSWERED = frozenset({SlotStatus.RETRY_SCHEDULED, SlotStatus.GAVE_UP})
+_SLOT_REFUSED = frozenset({SlotStatus.FAILED, SlotStatus.REFUSED})
+
+
+def config_state_of(slots: Sequence[SlotView | None], configured: Sequence[str]) -> ConfigState | None:
+    """The configuration status of a meter from its latest interval commands (one per kind, in order).
+
+    ``configured`` are the intervals the configuration gives the meter now.
+    Most telling first:
+
+    - ``refused``: a command was answered ``code 02``, or the internal broker
+      refused it (its ACL: the meter never got it, an ERROR says so);
+    - ``no_reply``: a command went unanswered (an ALERT), and no answer came
+      since, retries in flight included;
+    - ``pending``: a command is queued or awaits its reply;
+    - ``applied``: the meter acknowledged both intervals configured now.
+
+    None otherwise, and the last status stands: a meter never commanded
+    (excluded, offline since it was discovered), commands dropped when it went
+    away, or intervals it acknowledged that are no longer the configured ones
+    (it was away at the save and gets the new ones when heard from again).
+    """
+    if not slots or any(slot is None for slot in slots):
+        return None
+    present = [slot for slot in slots if slot is not None]
+    if any(slot.status in _SLOT_REFUSED for slot in present):
+        return ConfigState.REFUSED
+    if any(slot.status in _SLOT_UNANSWERED or (slot.status in _SLOT_SENDING and slot.attempt > 0)
+           for slot in present):
+        return ConfigState.NO_REPLY
+    if any(slot.status in _SLOT_SENDING for slot in present):
+        return ConfigState.PENDING
+    if all(slot.status is SlotStatus.ACKED for slot in present) and [
+            slot.value for slot in present] == list(configured):
+        return ConfigState.APPLIED
+    return None
+
+
 # --- events: what the daemon logs ------------------------------------------------
 
 
@@ -483,6 +537,8 @@ class CommandTracker:
     _retries: list[tuple[float, int, str, CommandKind, int]] = field(default_factory=list, init=False)
     _sequence: int = field(default=0, init=False)
     _counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_NAMES, 0), init=False)
+    # Meters whose commands changed since ``take_touched``: their configuration status may have.
+    _touched: dict[str, None] = field(default_factory=dict, init=False)
 
     # -- what the daemon reads
 
@@ -530,6 +586,27 @@ class CommandTracker:
         """Where the latest command of this meter and kind stands; None if never sent."""
         slot = self._slots.get((meter_id, kind))
         return slot.status if slot else None
+
+    def config_state(self, meter_id: str) -> ConfigState | None:
+        """The meter's configuration status from its interval commands (``config_state_of``).
+
+        None for an excluded meter: it has no status (it is cleared).
+        """
+        if meter_id in self.settings.exclude:
+            return None
+        slots = [self._slots.get((meter_id, kind)) for kind in INTERVAL_KINDS]
+        return config_state_of([SlotView(s.status, s.value, s.attempt) if s else None for s in slots],
+                               [interval_value(self.settings, meter_id, kind) for kind in INTERVAL_KINDS])
+
+    def take_touched(self) -> list[str]:
+        """The meters whose commands changed (or that were discovered or excluded) since the last call.
+
+        Their configuration status may have changed: the daemon looks again
+        at these only, so a status costs nothing while nothing happens.
+        """
+        touched = list(self._touched)
+        self._touched.clear()
+        return touched
 
     def next_wakeup(self) -> float | None:
         """When ``tick`` next has something to do (a deadline or a retry), or None."""
@@ -594,6 +671,7 @@ class CommandTracker:
         away = {m: self.silence_limit(m) for m in self.away_meters(now)}
         self.settings = settings
         for meter_id in sorted(self._meters.keys() & settings.exclude):
+            self._touch(meter_id)
             events += self._cancel_meter(meter_id, "meter is now excluded", unsent_only=False)
         for meter_id in meters_to_configure(self._meters, self.offline_meters(), settings):
             if meter_id in away:
@@ -666,6 +744,7 @@ class CommandTracker:
         if slot is not None and slot.oprid == command.oprid:
             slot.status = SlotStatus.WAITING
             slot.value = command.value
+            self._touch(command.meter_id)
         self._counts["sent"] += 1
 
     def refused_by_broker(self, command: Command) -> None:
@@ -685,6 +764,7 @@ class CommandTracker:
         slot = self._slots.get((command.meter_id, command.kind))
         if slot is not None and slot.oprid == command.oprid:
             slot.status = SlotStatus.REFUSED
+            self._touch(command.meter_id)
 
     def connection_lost(self) -> int:
         """The internal broker went away: commands awaiting replies go back to the front of the queue.
@@ -700,6 +780,7 @@ class CommandTracker:
             slot = self._slots.get((pending.command.meter_id, pending.command.kind))
             if slot is not None and slot.oprid == pending.command.oprid:
                 slot.status = SlotStatus.QUEUED
+                self._touch(pending.command.meter_id)
         self._outbox.extendleft(p.command.oprid for p in reversed(awaiting))
         return len(awaiting)
 
@@ -719,6 +800,7 @@ class CommandTracker:
             if self.is_away(meter_id, now):
                 # Its other retries go too: one line per meter.
                 slot.status = SlotStatus.CANCELLED
+                self._touch(meter_id)
                 events += self._defer(meter_id, "the retries", now, self.silence_limit(meter_id))
                 continue
             self._counts["retried"] += 1
@@ -733,8 +815,12 @@ class CommandTracker:
         self._sequence += 1
         return self._sequence
 
+    def _touch(self, meter_id: str) -> None:
+        self._touched[meter_id] = None
+
     def _discover(self, meter_id: str, source: str, offline: bool, now: float) -> list[Event]:
         self._counts["discovered"] += 1
+        self._touch(meter_id)  # an excluded one: its status (from before the exclusion) is cleared
         events: list[Event] = [Discovered(meter_id, source, meter_id in self.settings.exclude, offline)]
         if not offline:
             events += self._configure(meter_id, now)
@@ -787,6 +873,7 @@ class CommandTracker:
         self._pending[oprid] = _Pending(command)
         self._outbox.append(oprid)
         self._slots[key] = _Slot(SlotStatus.QUEUED, oprid, value, attempt, retry_token)
+        self._touch(meter_id)
         self._compact_outbox()
         return command, events
 
@@ -798,6 +885,7 @@ class CommandTracker:
         ok = reply.code == "01"
         if slot is not None and slot.oprid == reply.oprid:
             slot.status = SlotStatus.ACKED if ok else SlotStatus.FAILED
+            self._touch(command.meter_id)
         self._remember(pending, CommandOutcome.ACKED if ok else CommandOutcome.FAILED)
         if ok:
             self._counts["acked"] += 1
@@ -825,6 +913,7 @@ class CommandTracker:
         slot = self._slots.get(key)
         retry_in: float | None = None
         if slot is not None and slot.oprid == oprid:
+            self._touch(command.meter_id)
             if command.kind is not CommandKind.CLOCK and command.attempt < len(self.retry_delays):
                 retry_in = self.retry_delays[command.attempt]
                 slot.status = SlotStatus.RETRY_SCHEDULED
@@ -857,6 +946,7 @@ class CommandTracker:
                     self._remember(self._pending.pop(slot.oprid), CommandOutcome.CANCELLED)
                 slot.retry_token += 1
                 slot.status = SlotStatus.ACKED if ok else SlotStatus.FAILED
+                self._touch(command.meter_id)
         return [LateReply(command, reply.code, reply.msg, latency, stopped)]
 
     def _cancel_meter(self, meter_id: str, reason: str, unsent_only: bool) -> list[Event]:
@@ -869,11 +959,13 @@ class CommandTracker:
             if slot.status is SlotStatus.RETRY_SCHEDULED:
                 slot.retry_token += 1
                 slot.status = SlotStatus.CANCELLED
+                self._touch(meter_id)
             pending = self._pending.get(slot.oprid)
             if pending is not None and (pending.deadline is None or not unsent_only):
                 del self._pending[slot.oprid]
                 self._remember(pending, CommandOutcome.CANCELLED)
                 slot.status = SlotStatus.CANCELLED
+                self._touch(meter_id)
                 events.append(Cancelled(pending.command, reason))
         return events
 

@@ -17,7 +17,10 @@ around it:
   next reply deadline (one heap, not one timer per command) and publishes;
 - a ``config_watch.ConfigWatcher`` on the configuration file (symlinks
   followed) and SIGHUP tell the worker, which reloads and pushes the new
-  values to the meters online now, or keeps the last good configuration.
+  values to the meters online now, or keeps the last good configuration;
+- the worker publishes each meter's retained configuration status
+  (``<main>/<id>/config_status``, ``config_status.StatusBook`` decides when)
+  on the central broker, within a window of unacknowledged publishes.
 
 See doc/configuration_flow.md for what each log line means.
 """
@@ -61,10 +64,12 @@ from command_tracking import (
     Retrying,
     Superseded,
     WentOffline,
+    clock_drift_seconds,
     meters_to_configure,
     parse_reading_time,
 )
 from config_loader import Config, ConfigError, describe, keep_connection_settings, load_config, restart_only_changes
+from config_status import StatusBook
 from config_watch import ConfigWatcher, file_signature
 from daemon import (
     ALERT,
@@ -72,12 +77,13 @@ from daemon import (
     log_lines_dropped,
 )
 from fleet import parse_device_list
-from mqtt_client import ConnectionReporter, connect_in_background, make_client, network_thread_alive, refusal
+from mqtt_client import ConnectionReporter, connect_in_background, make_client, network_thread_alive
 from outgoing import EXPIRED, PublishWindow
 from sd_notify import SystemdNotifier
 from topics import (
     AVAILABILITY,
     bridge_devices_topic,
+    config_status_topic,
     meter_subscriptions,
     parse_meter_topic,
     parse_state,
@@ -98,12 +104,17 @@ SHUTDOWN_GRACE_SECONDS = 2.0
 # How often ``systemctl status`` gets a fresh one-line summary.
 STATUS_INTERVAL_SECONDS = 30.0
 # What each connection loses, or does instead, with a broker that cannot do all of MQTT 5 (logged once).
-CENTRAL_MQTT311_LOSES = "cannot report refused publishes of the stats (an MQTT 3.1.1 PUBACK carries no reason)"
+CENTRAL_MQTT311_LOSES = ("cannot report refused publishes of the stats and the configuration statuses (an MQTT "
+                         "3.1.1 PUBACK carries no reason)")
 INTERNAL_MQTT311_LOSES = ("cannot report refused commands (an MQTT 3.1.1 PUBACK carries no reason): a command its "
                           "ACL refuses counts as sent, and raises an alert when the meter does not reply")
-CENTRAL_WITHOUT_RETAIN = ("the stats are published without retain, and a restarted config sender rediscovers meters "
-                          "only from their live readings")
-CENTRAL_QOS0_ONLY = "the stats are published at QoS 0, and readings the broker does not resend may be missed"
+CENTRAL_WITHOUT_RETAIN = ("the stats and the configuration statuses are published without retain, and a restarted "
+                          "config sender rediscovers meters only from their live readings")
+CENTRAL_QOS0_ONLY = ("the stats and the configuration statuses are published at QoS 0, and readings the broker does "
+                     "not resend may be missed")
+# Configuration statuses handed to the central client and not yet acknowledged, at most: the
+# rest wait in the StatusBook (one per meter, the latest). The window's other places are the stats'.
+STATUS_IN_FLIGHT = 500
 
 
 # --- what the callbacks hand to the worker -------------------------------------------
@@ -145,6 +156,30 @@ class _Published:
 
 
 @dataclass(frozen=True)
+class _StatusHanded:
+    """A meter's configuration status (or its clearing) handed to the central client."""
+
+    meter_id: str
+    topic: str
+    cleared: bool
+
+
+@dataclass(frozen=True)
+class _StatsHanded:
+    """The stats handed to the central client."""
+
+    topic: str
+
+
+@dataclass(frozen=True)
+class _StatusSettled:
+    """The central broker took a status, refused it (its reason), or never answered (``EXPIRED``)."""
+
+    status: _StatusHanded
+    refused: str | None
+
+
+@dataclass(frozen=True)
 class _ConfigFileChanged:
     pass
 
@@ -160,7 +195,7 @@ class _Stop:
 
 
 _WorkItem = (_CentralSubscribed | _CentralMessage | _InternalSubscribed | _Disconnected | _MeterReply
-             | _Published | _ConfigFileChanged | _ReloadRequested | _Stop)
+             | _Published | _StatusSettled | _ConfigFileChanged | _ReloadRequested | _Stop)
 
 
 class _Handed(NamedTuple):
@@ -203,10 +238,18 @@ class ConfigSender:
         self._wire_callbacks()
         self._rejections = RateLimitedLog(logger)
         self._refusals = RateLimitedLog(logger, what="refused publishes")
+        # Its own limit: a fleet's statuses refused at once must not hide a refused command or the stats.
+        self._status_refusals = RateLimitedLog(logger, what="refused configuration statuses")
         # Commands handed to paho and not yet acknowledged by the broker; the rest wait in the
         # tracker's own queue (paho's is unbounded and its 16-bit message ids wrap: design.md).
         self._window: PublishWindow[_Handed] = PublishWindow(self._command_settled)
         self._internal_lost = False  # reconnected since: the window's waits start anew
+        # The stats and the configuration statuses handed to the central client, until the broker's PUBACK.
+        # Thread-safe: answered on paho's network thread (the stats are published once more after the worker).
+        self._central_window: PublishWindow[_StatusHanded | _StatsHanded] = PublishWindow(self._central_settled)
+        self._central_lost = False
+        self._statuses = StatusBook()  # worker only
+        self._status_counts = {"config_status_published": 0, "config_status_refused": 0}  # worker only
         self._central_ready = False
         self._internal_ready = False
         self._ready = threading.Event()
@@ -267,6 +310,7 @@ class ConfigSender:
             client.loop_stop()
         self._rejections.flush()
         self._refusals.flush()
+        self._status_refusals.flush()
         logger.info("config_sender stopped")
 
     def run(self, stop: threading.Event) -> int:
@@ -398,12 +442,21 @@ class ConfigSender:
                              _properties: Any) -> None:
         self._queue.put(_Published(mid, reason_code))
 
-    def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, _mid: int, reason_code: Any,
+    def _on_central_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_code: Any,
                             _properties: Any) -> None:
-        """The stats are the only thing published centrally: say so when the broker refuses them."""
-        refused = refusal(reason_code)
-        if refused is not None:
-            self._refusals.error(refused, "the central broker refused %s: %s", self._stats_topic, refused)
+        """The stats or a configuration status acknowledged: the window settles it (see ``_central_settled``)."""
+        self._central_window.answered(mid, reason_code)
+
+    def _central_settled(self, item: _StatusHanded | _StatsHanded, refused: str | None) -> None:
+        """The central broker answered: the stats' refusal is logged here, a status's goes to the worker.
+
+        Runs on paho's network thread or the worker: it only logs (thread-safe)
+        or puts an item on the worker's queue, never waits.
+        """
+        if isinstance(item, _StatusHanded):
+            self._queue.put(_StatusSettled(item, refused))
+        elif refused is not None and refused != EXPIRED:
+            self._refusals.error(refused, "the central broker refused %s: %s", item.topic, refused)
 
     # --- the worker -----------------------------------------------------------------------
 
@@ -449,8 +502,11 @@ class ConfigSender:
         return max(0.0, min(wakeups) - now)
 
     def _may_exit(self) -> bool:
+        """Commands and statuses handed over are acknowledged (statuses due are handed over), or the grace is up."""
         assert self._stop_requested_at is not None
-        return not len(self._window) or time.monotonic() - self._stop_requested_at > SHUTDOWN_GRACE_SECONDS
+        statuses_out = self._central_ready and (self._statuses.due() or len(self._central_window))
+        return (not len(self._window) and not statuses_out) or \
+            time.monotonic() - self._stop_requested_at > SHUTDOWN_GRACE_SECONDS
 
     def _handle(self, item: _WorkItem) -> None:
         match item:
@@ -461,6 +517,8 @@ class ConfigSender:
                     self._log_event(event, item.topic)
             case _Published(mid=mid, reason_code=reason_code):
                 self._window.answered(mid, reason_code)
+            case _StatusSettled():
+                self._status_settled(item)
             case _InternalSubscribed(ok=ok):
                 if not ok:
                     logger.error("internal broker refused the subscription to the meters' reply topics")
@@ -476,6 +534,7 @@ class ConfigSender:
                 self._check_ready()
             case _Disconnected(broker="central"):
                 self._central_ready = False
+                self._central_lost = True
             case _Disconnected():
                 self._internal_ready = False
                 self._internal_lost = True
@@ -553,8 +612,12 @@ class ConfigSender:
             events = self._tracker.observe_availability(topic.meter_id, state, now, retained=item.retained)
         else:
             meter_time = parse_reading_time(item.payload)
+            local_now = datetime.now()
             events = self._tracker.observe_reading(topic.meter_id, topic.leaf, meter_time, item.retained,
-                                                   now, datetime.now())
+                                                   now, local_now)
+            # A retained reading may be hours old: it says nothing about the clock now.
+            if meter_time is not None and not item.retained and topic.meter_id not in self._config.meters.exclude:
+                self._statuses.observe_offset(topic.meter_id, clock_drift_seconds(meter_time, local_now), now)
         for event in events:
             self._log_event(event)
 
@@ -562,8 +625,12 @@ class ConfigSender:
         for event in self._tracker.tick(now):
             self._log_event(event)
         self._publish_due()
+        self._update_statuses()
+        self._publish_statuses()
         if now >= self._stats_due:
             self._stats_due = now + self._config.health.stats_interval_seconds
+            if self._central_ready:
+                self._expire_central()
             self._publish_stats(now)
         if self._notifier is not None and self._ready.is_set() and now >= self._status_due:
             self._status_due = now + STATUS_INTERVAL_SECONDS
@@ -594,6 +661,69 @@ class ConfigSender:
                 logger.error("could not publish %s: %s", command.describe(), error)
             self._tracker.mark_sent(command, time.monotonic())
             logger.debug("sent %s to %s", command.describe(), topic)
+
+    # --- configuration statuses ---------------------------------------------------------
+
+    def _update_statuses(self) -> None:
+        """Record the state of every meter whose commands changed (``CommandTracker.config_state``)."""
+        wall = time.time()
+        meters = self._config.meters
+        for meter_id in self._tracker.take_touched():
+            self._statuses.update(meter_id, self._tracker.config_state(meter_id), meters.seconds_interval(meter_id),
+                                  meters.minutes_interval(meter_id), wall, excluded=meter_id in meters.exclude)
+
+    def _publish_statuses(self) -> None:
+        """Hand the statuses due to the central client while connected, at most STATUS_IN_FLIGHT unanswered.
+
+        Those that do not fit wait in the StatusBook, one per meter (the latest),
+        and go out as PUBACKs free places: a thousand meters configured at once
+        cost a thousand messages or fewer, never a blocked worker.
+        """
+        if not self._central_ready or not self._statuses.due():
+            return
+        window = self._central_window
+        self._expire_central()
+        room = STATUS_IN_FLIGHT - len(window)
+        if room <= 0:
+            return
+        limits = self._reporters["central"].limits
+        main = self._config.central_broker_topics.external_main_topic
+        for meter_id, payload in self._statuses.take(room, time.monotonic()):
+            if not payload and not limits.retain_available:
+                continue  # nothing retained to clear
+            topic = config_status_topic(main, meter_id)
+            if not window.reserve(1):
+                self._statuses.again(meter_id)
+                continue
+            try:
+                window.hand_over(_StatusHanded(meter_id, topic, not payload),
+                                 lambda topic=topic, payload=payload: self._central.publish(
+                                     topic, payload, qos=min(1, limits.maximum_qos), retain=limits.retain_available))
+            except (ValueError, RuntimeError) as error:
+                logger.error("could not publish %s: %s", topic, error)
+                continue
+            logger.debug("published %s %s", topic, payload.decode() or "(cleared)")
+
+    def _expire_central(self) -> None:
+        """Give up on central PUBACKs that are not coming (time disconnected does not count)."""
+        if self._central_lost:
+            self._central_lost = False
+            self._central_window.reconnected()
+        self._central_window.expire()
+
+    def _status_settled(self, item: _StatusSettled) -> None:
+        """The central broker answered a status: count it, log a refusal, publish again one never answered."""
+        status, refused = item.status, item.refused
+        if refused is None:
+            self._status_counts["config_status_published"] += 1
+        elif refused == EXPIRED:
+            logger.debug("no acknowledgement for %s: publishing it again", status.topic)
+            self._statuses.again(status.meter_id)
+        else:
+            self._status_counts["config_status_refused"] += 1
+            self._status_refusals.error(refused, "the central broker refused %s: %s; the configuration status of "
+                                        "meter %s is not %s", status.topic, refused, status.meter_id,
+                                        "cleared" if status.cleared else "published")
 
     # --- configuration reload -----------------------------------------------------------
 
@@ -694,7 +824,7 @@ class ConfigSender:
 
     def _stats(self, now: float) -> dict[str, object]:
         return {**self._tracker.counters(), "meters": len(self._tracker.known_meters()),
-                "device_list_rejected": self._device_list_rejected,
+                "device_list_rejected": self._device_list_rejected, **self._status_counts,
                 "log_lines_dropped": log_lines_dropped(), "uptime_seconds": round(now - self._started_at)}
 
     def _publish_stats(self, now: float) -> mqtt.MQTTMessageInfo | None:
@@ -709,8 +839,23 @@ class ConfigSender:
         if not self._central_ready:
             return None
         limits = self._reporters["central"].limits
-        return self._central.publish(self._stats_topic, document, qos=min(1, limits.maximum_qos),
-                                     retain=limits.retain_available)
+        handed: list[mqtt.MQTTMessageInfo] = []
+
+        def publish() -> mqtt.MQTTMessageInfo:
+            handed.append(self._central.publish(self._stats_topic, document, qos=min(1, limits.maximum_qos),
+                                                retain=limits.retain_available))
+            return handed[0]
+
+        # Statuses never take the window's last places (STATUS_IN_FLIGHT): there is room.
+        if not self._central_window.reserve(1):
+            logger.warning("stats not published: too many publishes to the central broker unacknowledged")
+            return None
+        try:
+            self._central_window.hand_over(_StatsHanded(self._stats_topic), publish)
+        except (ValueError, RuntimeError) as error:
+            logger.error("could not publish %s: %s", self._stats_topic, error)
+            return None
+        return handed[0]
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
