@@ -78,7 +78,8 @@ def running_system(tmp_path: Path, internal_broker: Mosquitto, central_broker: M
         return (all(watcher.on(f"kpm33b/{m}/{leaf}") for m in METERS for leaf in ("seconds", "minutes"))
                 and bool(devices) and len(json.loads(devices[-1])) == 3
                 and bool(stats) and json.loads(stats[-1])["forwarded"] >= 6
-                and bool(watcher.on("kpm33b/bridge/config_sender/stats")))
+                and bool(watcher.on("kpm33b/bridge/config_sender/stats"))
+                and all(b'"applied"' in (watcher.on(f"kpm33b/{m}/config_status") or [b""])[-1] for m in METERS))
 
     wait_for(everything_retained, timeout=30)
     yield config, watcher
@@ -106,6 +107,9 @@ def test_the_json_document_shows_each_meter_of_a_running_system(running_system: 
         assert (meter["active_power"], meter["active_power_time"]) == (power["active_power"], power["time"])
         assert (meter["active_energy"], meter["active_energy_time"]) == (energy["active_energy"], energy["time"])
         assert (meter["upload_frequency_seconds"], meter["upload_frequency_minutes"]) == (60, 1)
+        status = latest(watcher, f"kpm33b/{meter['id']}/config_status")  # the config sender's, as it runs
+        assert (meter["config_state"], meter["config_updated"]) == ("applied", status["updated"])
+        assert meter["clock_offset_seconds"] == status["clock_offset_seconds"]
 
 
 def test_the_table_shows_the_bridge_and_a_row_per_meter_of_a_running_system(
@@ -129,7 +133,7 @@ def test_the_table_shows_the_bridge_and_a_row_per_meter_of_a_running_system(
         energy = latest(watcher, f"kpm33b/{meter_id}/minutes")["active_energy"]
         assert ("Heat pump" if meter_id == NAMED else f"KPM33B {meter_id}") in row
         assert " online " in row and f" {power!r} kW " in row and f" {energy!r} kWh " in row
-        assert " 60 s / 1 min " in row
+        assert " 60 s / 1 min " in row and " applied " in row
     assert lines[9] == "3 meters: 3 online, 0 offline"
 
 
