@@ -70,6 +70,11 @@ HA_ONLINE = b"online"
 # A restart of Home Assistant re-announces every meter: at most this many
 # meters per tick of the proxy (0.5 s), i.e. 500 meters per second.
 METERS_PER_TICK = 250
+# The diagnostic configs of meters announced by their first reading follow at this many meters per tick
+# (200 messages a second), so that a burst of new meters costs the outgoing queue and the heap little more
+# than without them. tests/test_reliability.py's 20,000 new meters at once, proxy's resident growth: +48 MiB
+# at 50 a tick, +55 MiB with all of them at once (the outgoing queue overflowed), +44 MiB without them.
+DIAGNOSTICS_PER_TICK = 50
 MAX_KNOWN_METERS = 200_000
 
 Publish = Callable[[str, bytes, bool], None]
@@ -286,13 +291,19 @@ def diagnostic_configs(meter_id: str, meters: MeterSettings, main_topic: str,
     }
 
 
-def discovery_configs(meter_id: str, meters: MeterSettings, main_topic: str, prefix: str,
-                      origin_url: str | None = None) -> dict[str, dict[str, Any]]:
-    """Every discovery config of one meter: config topic → payload (readings first, then diagnostics)."""
-    configs = {
+def reading_configs(meter_id: str, meters: MeterSettings, main_topic: str, prefix: str,
+                    origin_url: str | None = None) -> dict[str, dict[str, Any]]:
+    """The configs of the sensors on the meter's readings: config topic → payload."""
+    return {
         discovery_topic(prefix, meter_id, sensor.field): sensor_config(sensor, meter_id, meters, main_topic, origin_url)
         for sensor in sensors(meter_id, meters)
     }
+
+
+def discovery_configs(meter_id: str, meters: MeterSettings, main_topic: str, prefix: str,
+                      origin_url: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every discovery config of one meter: config topic → payload (readings first, then diagnostics)."""
+    configs = reading_configs(meter_id, meters, main_topic, prefix, origin_url)
     for object_id, config in diagnostic_configs(meter_id, meters, main_topic, origin_url).items():
         configs[discovery_topic(prefix, meter_id, object_id)] = config
     return configs
@@ -384,13 +395,14 @@ class DiscoveryAnnouncer:
 
     def __init__(self, meters: MeterSettings, main_topic: str, prefix: str, publish: Publish, *,
                  enabled: bool = True, origin_url: str | None = None, meters_per_tick: int = METERS_PER_TICK,
-                 max_meters: int = MAX_KNOWN_METERS) -> None:
+                 max_meters: int = MAX_KNOWN_METERS, diagnostics_per_tick: int = DIAGNOSTICS_PER_TICK) -> None:
         self.meters = meters
         self.main_topic = main_topic
         self.prefix = prefix
         self.enabled = enabled
         self.origin_url = origin_url
         self.meters_per_tick = meters_per_tick
+        self.diagnostics_per_tick = diagnostics_per_tick
         self.max_meters = max_meters
         self.status_topic = ha_status_topic(prefix)
         # What the proxy subscribes to on the central broker (nothing when off).
@@ -400,6 +412,9 @@ class DiscoveryAnnouncer:
         self._bridge_pending = enabled  # the bridge's configs go out before any meter's
         self._known: dict[str, None] = {}  # insertion-ordered set, bounded
         self._pending: dict[str, None] = {}  # meters to announce at the next ticks, in order
+        # Meters announced by their first reading whose diagnostic configs follow at the next ticks:
+        # a burst of new meters then costs the outgoing queue what it did before the diagnostics.
+        self._diagnostics: dict[str, None] = {}
         self._cleared: set[str] = set()  # excluded meters whose retained readings were cleared
         self._round_started: float | None = None
 
@@ -438,6 +453,11 @@ class DiscoveryAnnouncer:
             for meter_id in [m for m in self._known if m in meters.exclude]:
                 del self._known[meter_id]
                 self._pending.pop(meter_id, None)
+                self._diagnostics.pop(meter_id, None)
+            if not enabled:  # nothing more goes out under the prefix
+                self._pending.clear()
+                self._diagnostics.clear()
+                self._round_started = None
             if enabled:
                 for meter_id in self._known:
                     self._pending[meter_id] = None
@@ -463,7 +483,9 @@ class DiscoveryAnnouncer:
         """A meter's reading is about to be forwarded: announce it now if it is new.
 
         Called before the reading is queued, so that its configs precede it.
-        True when the configs were published.
+        True when the configs were published. Its diagnostic configs (on the
+        retained ``config_status``, which needs no such order) follow at the
+        next ticks, at the announcements' bounded rate.
         """
         if not self.enabled or meter_id in self.meters.exclude:
             return False
@@ -474,9 +496,10 @@ class DiscoveryAnnouncer:
             self._pending.pop(meter_id, None)
             new = meter_id not in self._known
             self._remember(meter_id)
+            self._diagnostics[meter_id] = None
         if new:
             log.info("announcing meter %s to Home Assistant", meter_id)
-        self._announce(meter_id)
+        self._announce(meter_id, diagnostics=False)
         return True
 
     def announce_known(self, meter_ids: Iterable[str]) -> None:
@@ -504,30 +527,41 @@ class DiscoveryAnnouncer:
         """Announce up to ``meters_per_tick`` pending meters; how many were announced.
 
         The caller's tick period bounds the rate: the proxy ticks every 0.5 s.
-        The bridge's configs, when due, go first (not counted).
+        The bridge's configs, when due, go first; then the pending meters;
+        then the diagnostic configs of up to ``diagnostics_per_tick`` meters
+        announced by a reading (neither counted).
         """
         self._announce_bridge()
         with self._lock:
-            if not self._pending:
-                return 0
-            if self._round_started is None:
-                self._round_started = now
-            batch = []
-            for meter_id in self._pending:
-                batch.append(meter_id)
-                if len(batch) >= self.meters_per_tick:
-                    break
+            batch = self._take(self._pending)
             for meter_id in batch:
-                del self._pending[meter_id]
-            finished = not self._pending
-            started = self._round_started
+                self._diagnostics.pop(meter_id, None)  # a full announcement has them
+            diagnostics = self._take(self._diagnostics, self.diagnostics_per_tick)
+            finished = bool(batch) and not self._pending
+            started = self._round_started if self._round_started is not None else now
+            if batch and not finished and self._round_started is None:
+                self._round_started = now
             if finished:
                 self._round_started = None
         for meter_id in batch:
             self._announce(meter_id)
+        for meter_id in diagnostics:
+            self._announce_diagnostics(meter_id)
         if finished:
             log.info("announced the known meters to Home Assistant (%.1f s)", max(0.0, now - started))
         return len(batch)
+
+    def _take(self, queue: dict[str, None], limit: int | None = None) -> list[str]:
+        """The first ``limit`` (``meters_per_tick``) meters of ``queue``, removed from it (caller holds the lock)."""
+        limit = self.meters_per_tick if limit is None else limit
+        batch: list[str] = []
+        for meter_id in queue:
+            if len(batch) >= limit:
+                break
+            batch.append(meter_id)
+        for meter_id in batch:
+            del queue[meter_id]
+        return batch
 
     def on_central_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """A message on one of ``subscriptions``: Home Assistant's status or a config."""
@@ -596,6 +630,7 @@ class DiscoveryAnnouncer:
             oldest = next(iter(self._known))
             del self._known[oldest]
             self._pending.pop(oldest, None)
+            self._diagnostics.pop(oldest, None)
 
     def _announce_bridge(self) -> None:
         """Publish the bridge's configs if due; under the lock, so no meter's config can overtake them."""
@@ -606,7 +641,13 @@ class DiscoveryAnnouncer:
             for topic, config in bridge_configs(self.main_topic, self.prefix, self.origin_url).items():
                 self._publish(topic, encode_config(config), True)
 
-    def _announce(self, meter_id: str) -> None:
-        for topic, config in discovery_configs(meter_id, self.meters, self.main_topic, self.prefix,
-                                               self.origin_url).items():
+    def _announce(self, meter_id: str, *, diagnostics: bool = True) -> None:
+        build = discovery_configs if diagnostics else reading_configs
+        for topic, config in build(meter_id, self.meters, self.main_topic, self.prefix, self.origin_url).items():
             self._publish(topic, encode_config(config), True)
+
+    def _announce_diagnostics(self, meter_id: str) -> None:
+        if not self.enabled or meter_id in self.meters.exclude:
+            return
+        for object_id, config in diagnostic_configs(meter_id, self.meters, self.main_topic, self.origin_url).items():
+            self._publish(discovery_topic(self.prefix, meter_id, object_id), encode_config(config), True)

@@ -587,14 +587,52 @@ def meter_ids(count: int) -> list[str]:
 
 
 def test_a_new_meter_is_announced_at_once_and_only_once_retained_after_the_bridge() -> None:
+    """Its reading sensors at once, ahead of its reading; its diagnostics at the next tick."""
     subject, published = announcer()
     assert subject.meter_seen(METER)
     assert not subject.meter_seen(METER)
-    expected = {**bridge_configs("kpm33b", "homeassistant"),
-                **discovery_configs(METER, MeterSettings(), "kpm33b", "homeassistant")}
+    configs = discovery_configs(METER, MeterSettings(), "kpm33b", "homeassistant")
+    expected = {**bridge_configs("kpm33b", "homeassistant"), **configs}
+    assert [(topic, json.loads(payload), retain) for topic, payload, retain in published.messages] == [
+        (topic, config, True) for topic, config in list(expected.items())[:-2]]
+    assert subject.tick(0.0) == 0
     assert [(topic, json.loads(payload), retain) for topic, payload, retain in published.messages] == [
         (topic, config, True) for topic, config in expected.items()]
+    settle(subject, published)
+    assert len(published.messages) == len(expected)
     assert subject.known() == [METER]
+
+
+def test_a_burst_of_new_meters_gets_its_diagnostics_at_the_announcements_bounded_rate() -> None:
+    """20,000 new meters at once must not double what the outgoing queue takes (4 messages each, not 6)."""
+    subject, published = announcer()
+    for meter_id in meter_ids(1000):
+        subject.meter_seen(meter_id)
+    assert len(published.meter_messages()) == 2 * 1000
+    per_tick = []
+    for tick in range(22):
+        before = len(published.meter_messages())
+        subject.tick(tick * 0.5)
+        per_tick.append(len(published.meter_messages()) - before)
+    assert per_tick == [2 * ha_discovery.DIAGNOSTICS_PER_TICK] * 20 + [0, 0]  # 50 meters a tick
+    assert sorted(topic for topic, _p, _r in published.meter_messages()) == sorted(
+        topic for meter_id in meter_ids(1000) for topic in discovery_configs(meter_id, MeterSettings(), "kpm33b",
+                                                                             "homeassistant"))
+
+
+def test_diagnostics_due_are_dropped_for_a_meter_excluded_or_discovery_switched_off() -> None:
+    subject, published = announcer()
+    subject.meter_seen(METER)
+    subject.meter_seen(OTHER)
+    published.messages.clear()
+    subject.reconfigure(MeterSettings(exclude=frozenset({METER})), "homeassistant", enabled=True, origin_url=None)
+    settle(subject, published)
+    assert {topic.split("/")[2] for topic, _p, _r in published.meter_messages()} == {f"kpm33b_{OTHER}"}
+    subject.meter_seen("33B0000000001")
+    subject.reconfigure(MeterSettings(), "homeassistant", enabled=False, origin_url=None)
+    published.messages.clear()
+    settle(subject, published)
+    assert published.messages == []
 
 
 def test_the_bridge_is_announced_at_the_first_tick_again_when_home_assistant_is_online_and_never_when_off() -> None:
@@ -652,10 +690,19 @@ def test_known_meters_at_start_are_announced_over_the_next_ticks() -> None:
     assert published.meters() == [METER, "33B0000000001", "33B0000000002"]
 
 
+def settle(subject: DiscoveryAnnouncer, published: Published) -> None:
+    """Tick until nothing more is published (the diagnostics of meters announced by a reading included)."""
+    before = -1
+    while before != len(published.messages):
+        before = len(published.messages)
+        subject.tick(0.0)
+
+
 def test_home_assistant_online_reannounces_every_known_meter_at_a_bounded_rate() -> None:
     subject, published = announcer()
     for meter_id in meter_ids(1000):
         subject.meter_seen(meter_id)
+    settle(subject, published)
     published.messages.clear()
     subject.on_central_message("homeassistant/status", b"offline", False)
     assert subject.pending() == 0
@@ -674,6 +721,7 @@ def test_online_again_before_the_round_ends_does_not_announce_a_meter_twice() ->
     subject, published = announcer(meters_per_tick=3)
     for meter_id in meter_ids(5):
         subject.meter_seen(meter_id)
+    settle(subject, published)
     published.messages.clear()
     subject.ha_online()
     subject.tick(0.0)
