@@ -2,9 +2,12 @@
 
 A meter connected to the installation appears in Home Assistant as a device
 with an ``Active power`` and an ``Active energy`` sensor (plus the per-phase
-sensors its ``meters.devices.<id>.per_phase`` asks for), without any YAML
-written by hand. The proxy publishes one retained config per sensor on
-``<prefix>/sensor/kpm33b_<id>/<object id>/config`` (Home Assistant's
+sensors its ``meters.devices.<id>.per_phase`` asks for) and two diagnostic
+sensors on its configuration status (``Configuration``, ``Clock offset``),
+without any YAML written by hand. Every meter device is connected via the
+bridge device, the proxy itself (its connection state and counters, as
+Zigbee2MQTT's bridge). The proxy publishes one retained config per entity on
+``<prefix>/<component>/<node id>/<object id>/config`` (Home Assistant's
 documented discovery protocol):
 
 - when a meter's first reading is forwarded, at proxy start for every meter
@@ -13,10 +16,14 @@ documented discovery protocol):
   in a large installation does not meet a burst of thousands of messages);
 - the unique ids derive from the meter id only, so renaming a meter changes
   the device name and keeps the entities and their history;
+- every value template gives ``None`` (unknown) without a log line in Home
+  Assistant when its field is missing or the payload is empty or no JSON
+  object;
 - the broker's retained configs tell the proxy which entities exist, also
   after a restart: those of excluded meters, and per-phase entities no longer
-  configured, are removed with an empty retained payload (and an excluded
-  meter's retained readings with them).
+  configured, are removed with an empty retained payload (an excluded
+  meter's every config first, then its retained readings); the bridge's
+  configs are removed when discovery is switched off by a reload.
 
 Everything that decides what to publish is a pure function of the meter id
 and the configuration, tested key by key without a broker.
@@ -489,7 +496,8 @@ class DiscoveryAnnouncer:
         """
         if not self.enabled or meter_id in self.meters.exclude:
             return False
-        self._announce_bridge()
+        if self._bridge_pending:  # read without the lock (the per-reading path); taken below in any case,
+            self._announce_bridge()  # so a meter's configs never overtake the bridge's being published
         with self._lock:
             if meter_id in self._known and meter_id not in self._pending:
                 return False
