@@ -18,6 +18,7 @@ from typing import Any
 
 from broker import wait_for
 from daemons import Collector, config_dict, publish_all, publisher, start_proxy, write_config
+from ha_templates import render
 from payloads import RT_DATA, capture, captured_rt_data, eny_now
 
 import config_loader
@@ -339,3 +340,34 @@ def test_excluding_a_meter_by_a_reload_empties_every_config_of_it_before_any_of_
     assert proxy.terminate() == 0
     client.disconnect()
     live.close()
+
+
+def test_adding_per_phase_over_a_retained_reading_that_predates_it_renders_unknown_without_a_log_line(
+        tmp_path, internal_broker, central_broker):
+    """What Home Assistant does when the new sensors' configs arrive: render the retained reading (then 13 WARNINGs)."""
+    document = config_dict(internal_broker.port, central_broker.port)
+    path = write_config(tmp_path, document, atomic=True)
+    proxy = start_proxy(path)
+    client = publisher(internal_broker.port)
+    publish_all(client, [("MQTT_RT_DATA", captured_rt_data(METER))])
+    retained_configs(central_broker.port, BRIDGE_CONFIGS + METER_CONFIGS)
+
+    document["meters"]["devices"] = {METER: {"per_phase": ["voltage", "current", "power", "power_factor"]}}
+    write_config(tmp_path, document, atomic=True)
+    configs = meter_configs(retained_configs(central_broker.port, BRIDGE_CONFIGS + METER_CONFIGS + 13))
+    reading = retained_store(central_broker.port, f"kpm33b/{METER}/seconds")[f"kpm33b/{METER}/seconds"]
+    assert set(json.loads(reading)) == {"id", "time", "active_power"}  # from before per_phase
+    on_seconds = [config for config in configs.values() if config["state_topic"] == f"kpm33b/{METER}/seconds"]
+    assert len(on_seconds) == 1 + 13
+    for config in on_seconds:
+        rendered = render(config["value_template"], reading)
+        assert rendered.logged == [], config["unique_id"]
+        expected = "6.6905" if config["unique_id"].endswith("_active_power") else "None"
+        assert rendered.text == expected, config["unique_id"]
+    # Cleared (excluded, or by hand): every sensor renders unknown, no ERROR.
+    for config in configs.values():
+        if "value_template" in config:
+            assert (render(config["value_template"], b"").text, render(config["value_template"], b"").logged) == (
+                "None", []), config["unique_id"]
+    assert proxy.terminate() == 0
+    client.disconnect()
