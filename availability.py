@@ -124,6 +124,11 @@ class MeterAvailability:
         """How many meters are tracked (online or recently offline)."""
         return len(self._last_seen)
 
+    def online_count(self) -> int:
+        """How many meters are online now, without listing them (the stats count them every interval)."""
+        with self._lock:
+            return len(self._last_seen) - len(self._offline)  # the offline ones are among those tracked
+
     def online(self) -> list[str]:
         """The meters online now."""
         with self._lock:

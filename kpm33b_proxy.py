@@ -165,14 +165,15 @@ def export_by_meter(meters: MeterSettings) -> dict[str, bool]:
 
 
 def stats_payload(counters: Mapping[str, int], drops: Mapping[str, int], queue_depth: int, meters: int,
-                  uptime_seconds: float) -> dict[str, object]:
-    """The retained ``<main>/bridge/stats`` document."""
+                  uptime_seconds: float, online: int = 0) -> dict[str, object]:
+    """The retained ``<main>/bridge/stats`` document; ``online`` of the ``meters`` known report now."""
     return {
         "received": counters.get("received", 0),
         "forwarded": counters.get("forwarded", 0),
         "dropped": dict(sorted(drops.items())),
         "queue_depth": queue_depth,
         "meters": meters,
+        "online": online,
         "uptime_seconds": round(uptime_seconds),
     }
 
@@ -464,7 +465,7 @@ class Proxy:
             if count:
                 drops[reason] = count
         return stats_payload(self.counters.snapshot(), drops, self.outgoing.depth(), len(self.availability),
-                             now - self.started_at)
+                             now - self.started_at, online=self.availability.online_count())
 
     def publish_device_list(self, now: float) -> None:
         """Publish ``<main>/bridge/devices`` (retained), unless there are more meters than it may hold.

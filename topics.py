@@ -38,11 +38,16 @@ STATUS_LEAVES = (*METER_LEAVES, CONFIG_STATUS)
 ONLINE = "online"
 OFFLINE = "offline"
 
-# Home Assistant discovery: our configs are sensors under node ids kpm33b_<meter id>.
+# Home Assistant discovery: our configs are sensors under node ids kpm33b_<meter id>, and the
+# bridge's entities under the node id kpm33b_bridge (kpm33b_bridge_<main> for another main topic).
 DISCOVERY_COMPONENT = "sensor"
+BINARY_SENSOR_COMPONENT = "binary_sensor"
 NODE_PREFIX = "kpm33b_"
 NODE_ID_PATTERN = re.compile(r"kpm33b_([0-9A-Za-z]{13})")
 OBJECT_ID_PATTERN = re.compile(r"[0-9A-Za-z_-]+")
+BRIDGE_IDENTIFIER = "kpm33b_bridge"
+DEFAULT_MAIN_TOPIC = "kpm33b"
+_NOT_IN_NODE_ID = re.compile(r"[^0-9A-Za-z_-]")
 
 
 def is_valid_meter_id(value: object) -> bool:
@@ -148,6 +153,54 @@ def node_id(meter_id: str) -> str:
 def discovery_topic(prefix: str, meter_id: str, object_id: str) -> str:
     """``<prefix>/sensor/kpm33b_<id>/<object id>/config``."""
     return f"{prefix}/{DISCOVERY_COMPONENT}/{node_id(meter_id)}/{object_id}/config"
+
+
+def bridge_identifier(main_topic: str) -> str:
+    """The bridge's Home Assistant device identifier: ``kpm33b_bridge``, or ``kpm33b_bridge_<main>``.
+
+    The main topic is appended when it is not the default one, so that two
+    proxies with their own main topics on one broker are two bridge devices.
+    """
+    return BRIDGE_IDENTIFIER if main_topic == DEFAULT_MAIN_TOPIC else f"{BRIDGE_IDENTIFIER}_{main_topic}"
+
+
+def bridge_node_id(main_topic: str) -> str:
+    """The bridge's discovery node id: its identifier with anything but ``[0-9A-Za-z_-]`` made ``_``.
+
+    A node id is one topic level and Home Assistant accepts only those
+    characters in it (``site/a`` → ``kpm33b_bridge_site_a``). It never
+    matches a meter's node id (``kpm33b_`` and 13 letters and digits): the
+    part after ``kpm33b_`` is ``bridge`` or contains ``_``.
+    """
+    return _NOT_IN_NODE_ID.sub("_", bridge_identifier(main_topic))
+
+
+def bridge_discovery_topic(prefix: str, main_topic: str, component: str, object_id: str) -> str:
+    """``<prefix>/<component>/<bridge node id>/<object id>/config``: one entity of the bridge device."""
+    return f"{prefix}/{component}/{bridge_node_id(main_topic)}/{object_id}/config"
+
+
+def bridge_binary_sensor_subscription(prefix: str, main_topic: str) -> str:
+    """The filter that finds this bridge's binary sensor configs (its sensors are under ``discovery_subscription``)."""
+    return f"{prefix}/{BINARY_SENSOR_COMPONENT}/{bridge_node_id(main_topic)}/+/config"
+
+
+def parse_bridge_discovery_topic(topic: str, prefix: str, main_topic: str) -> tuple[str, str] | None:
+    """``(component, object id)`` of a config of this proxy's bridge device; None for anything else.
+
+    Only this main topic's bridge node is ours: another proxy's bridge
+    (another main topic) and other software's configs are never touched.
+    """
+    start = f"{prefix}/"
+    if not topic.startswith(start):
+        return None
+    levels = topic[len(start):].split("/")
+    if len(levels) != 4 or levels[3] != "config" or levels[1] != bridge_node_id(main_topic):
+        return None
+    component, object_id = levels[0], levels[2]
+    if component not in (DISCOVERY_COMPONENT, BINARY_SENSOR_COMPONENT) or not OBJECT_ID_PATTERN.fullmatch(object_id):
+        return None
+    return component, object_id
 
 
 def discovery_subscription(prefix: str) -> str:

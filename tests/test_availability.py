@@ -134,3 +134,21 @@ def test_a_restored_meter_not_heard_since_takes_the_state_the_broker_retained() 
 
     assert availability.online() == []
     assert availability.seen(SLOW, 5.0) is True  # heard again: announced online
+
+
+def test_the_online_count_follows_comings_goings_restores_forgetting_and_the_bound() -> None:
+    """What the bridge's "Meters online" shows in Home Assistant (``online`` in the stats)."""
+    availability = tracker(max_meters=3)
+    assert availability.online_count() == 0
+    availability.seen(FAST, 0.0)
+    availability.seen(SLOW, 0.0)
+    assert availability.online_count() == 2
+    availability.went_offline(75.5)
+    assert availability.online_count() == 1
+    availability.restore("33B0000000003", 0.0, online=False)
+    availability.restore("33B0000000004", 0.0, online=True)  # the bound forgets FAST, offline
+    assert availability.online_count() == 2
+    availability.forget(SLOW)
+    assert availability.online_count() == 1
+    availability.seen("33B0000000003", 80.0)
+    assert availability.online_count() == len(availability.online()) == 2

@@ -287,14 +287,19 @@ def test_messages_larger_than_the_brokers_maximum_packet_size_are_dropped_counte
     too_large = lines(proxy, "more than the 512 bytes the central broker accepts", "WARNING")
     print(f"\n[max_packet_size 512] stats: {json.dumps(stats)}; first of {len(too_large)} warnings: "
           f"{too_large[0].split(': ', 1)[1] if too_large else None}")
-    # Home Assistant's two discovery configs of the meter (~720 bytes each) never went out.
-    assert stats["dropped"] == {"too_large": 2}
+    # Home Assistant's four discovery configs of the meter (660 to 840 bytes) and the bridge's four
+    # counters (570 to 630 bytes) never went out; only the bridge's connection state (489 bytes) did.
+    assert stats["dropped"] == {"too_large": 8}
     sizes = {topic: int(size) for topic, size in
              (re.search(r"not sent: (\S+) is (\d+) bytes", line).groups() for line in too_large)}  # type: ignore[union-attr]
-    assert set(sizes) == {f"homeassistant/sensor/kpm33b_{METER}/active_power/config",
-                          f"homeassistant/sensor/kpm33b_{METER}/active_energy/config"}
+    assert set(sizes) == {*(f"homeassistant/sensor/kpm33b_{METER}/{object_id}/config"
+                            for object_id in ("active_power", "active_energy", "configuration", "clock_offset")),
+                          *(f"homeassistant/sensor/kpm33b_bridge/{object_id}/config"
+                            for object_id in ("readings_forwarded", "readings_dropped", "queue_depth",
+                                              "meters_online"))}
     assert all(size > 512 for size in sizes.values())
-    assert not any(topic.startswith("homeassistant/") and topic.endswith("/config") for topic in observer.topics())
+    assert [topic for topic in observer.topics() if topic.startswith("homeassistant/") and topic.endswith("/config")
+            ] == ["homeassistant/binary_sensor/kpm33b_bridge/connection_state/config"]
     # One connection all along: bridge/state never flapped.
     assert_online_once(observer.on("kpm33b/bridge/state"))
     assert connections(central.log(), "kpm33b-proxy-") == 1

@@ -115,8 +115,12 @@ def test_readings_and_discovery_configs_the_central_broker_refuses_are_dropped_a
     # The broker delivered none of them; the proxy said so, naming the topic and the broker's reason.
     assert [topic for topic in observer.topics() if not topic.startswith("kpm33b/bridge/")] == []
     refused = REFUSED_LINE.findall(proxy.output())
-    assert (f"kpm33b/{METER}/minutes", "Not authorized") in refused
+    # Among the first BURST lines: the bridge's five discovery configs, the meter's availability and the
+    # configs of its two sensors, all ahead of its first reading (its two diagnostic configs follow at the
+    # next tick; the rest is counted in the summary below).
+    assert (f"kpm33b/{METER}/availability", "Not authorized") in refused
     assert (f"homeassistant/sensor/kpm33b_{METER}/active_energy/config", "Not authorized") in refused
+    assert ("homeassistant/binary_sensor/kpm33b_bridge/connection_state/config", "Not authorized") in refused
     assert proxy.terminate() == 0
 
     # Rate-limited: the first BURST refusals in full, the rest counted in one summary at shutdown.
@@ -124,11 +128,12 @@ def test_readings_and_discovery_configs_the_central_broker_refuses_are_dropped_a
     logged = len(REFUSED_LINE.findall(output))
     summaries = REFUSAL_SUMMARY.findall(output)
     summarised = sum(int(count) for count, _reasons in summaries)
-    # Each reading, its meter's availability and its two discovery configs.
-    refused_messages = READINGS + 1 + 2
+    # Each reading, its meter's availability, its four discovery configs and the bridge's five.
+    refused_messages = READINGS + 1 + 4 + 5
     print(f"[refused readings] ERROR lines: {logged}; summarised: {summaries}")
     assert logged == BURST
     assert logged + summarised == refused_messages
+    assert summaries == [(str(READINGS), f"Not authorized {READINGS}")]  # the readings
     assert f'stats: {{"received": {READINGS}, "forwarded": 0, "dropped": {{"refused_by_central": {READINGS}}}' \
         in output
     assert "Traceback" not in output

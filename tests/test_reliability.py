@@ -738,11 +738,12 @@ def test_stats_are_retained_exact_and_published_once_more_at_shutdown(
     assert without_uptime(json.loads(late.messages[0][1])) == without_uptime(stats)
     print(f"\n[stats] sent {received} raw messages: {len(valid)} valid, {sum(expected_dropped.values())} to drop; "
           f"stats {stats}")
-    assert set(stats) == {"received", "forwarded", "dropped", "queue_depth", "meters", "uptime_seconds"}
+    assert set(stats) == {"received", "forwarded", "dropped", "queue_depth", "meters", "online", "uptime_seconds"}
     assert stats["forwarded"] == len(valid)
     assert stats["dropped"] == expected_dropped
     assert stats["queue_depth"] == 0
     assert stats["meters"] == 3
+    assert stats["online"] == 3  # all heard from just now
     assert isinstance(stats["uptime_seconds"], int) and 0 <= stats["uptime_seconds"] < 120
 
     final = Collector(central_broker.port, "kpm33b/bridge/stats", "kpm33b/bridge/state")
