@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from config_loader import Config, MeterSettings
+from config_status import CONFIG_STATES  # the states of <main>/<id>/config_status
 from data_mapping import EXPORT_FIELD, PER_PHASE_FIELDS
 from topics import (
     BINARY_SENSOR_COMPONENT,
@@ -118,8 +119,6 @@ _PER_PHASE_CLASSES: dict[str, tuple[str, str | None, int]] = {
 }
 
 
-# The configuration status the config sender retains per meter (``<main>/<id>/config_status``).
-CONFIG_STATES = ("applied", "pending", "no_reply", "refused")
 CONFIGURATION_OBJECT = "configuration"
 CLOCK_OFFSET_OBJECT = "clock_offset"
 DIAGNOSTIC_OBJECTS = (CONFIGURATION_OBJECT, CLOCK_OFFSET_OBJECT)

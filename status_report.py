@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+from config_status import CONFIG_STATES  # the config sender's verdict on the last push to a meter
 from topics import (
     AVAILABILITY,
     CONFIG_STATUS,
@@ -39,8 +40,6 @@ from topics import (
 )
 
 UNKNOWN = "-"
-# The config sender's verdict on the last push to a meter (<main>/<id>/config_status).
-CONFIG_STATES = ("applied", "pending", "no_reply", "refused")
 # The counters shown on the bridge's lines, always and in this order; any other counter only when not 0.
 PROXY_COUNTERS = ("received", "forwarded", "dropped", "queue_depth", "meters")
 SENDER_COUNTERS = ("sent", "acked", "alerted", "late", "failed", "pending", "meters")
