@@ -308,7 +308,10 @@ class Forwarder:
                 "logging": {"level": "WARNING"},
                 "health": {"stats_interval_seconds": 1},
             }
-            config_path = workdir / "config.yaml"
+            # In a directory of its own: the proxy watches the configuration's directory, and the
+            # counting subscriber's file in the work directory would wake its watcher at every line.
+            config_path = workdir / "config" / "config.yaml"
+            config_path.parent.mkdir(parents=True, exist_ok=True)
             config_path.write_text(yaml.safe_dump(config))
             command = [PYTHON, str(PROXY_SCRIPT), "--config", str(config_path)]
         else:
