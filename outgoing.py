@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -218,9 +218,17 @@ class Forwarder(Generic[M]):
     def put(self, item: M) -> None:
         """Publish ``item`` after what is queued; never blocks (see the class)."""
         with self._condition:
-            oldest = self._queue.popleft() if len(self._queue) >= self.capacity else None
-            self._queue.append(item)
-        if oldest is not None:
+            # Nothing ahead of it and room: handed over at once, without going through the queue.
+            direct = (not self._queue and not self._in_hand and self._connected and not self._stopping
+                      and self.window.reserve(1))
+            if direct:
+                self._in_hand = 1
+            else:
+                oldest = self._queue.popleft() if len(self._queue) >= self.capacity else None
+                self._queue.append(item)
+        if direct:
+            self._hand_over_batch((item,))
+        elif oldest is not None:
             self._dropped(oldest)
         self._pump()
 
@@ -306,17 +314,24 @@ class Forwarder(Generic[M]):
                 queue = self._queue
                 batch = [queue.popleft() for _ in range(count)]
                 self._in_hand = count
-            # A QoS 1 message handed over while disconnected stays in paho's session and is
-            # sent on reconnect, so every message handed over counts in the window.
-            try:
-                for item in batch:
-                    try:
-                        self._hand_over(item)
-                    except (ValueError, RuntimeError) as error:  # paho refused the message itself
-                        log.error("could not publish %s: %s", item.topic, error)
-            finally:
-                with self._condition:
-                    self._in_hand = 0
+            self._hand_over_batch(batch)
+
+    def _hand_over_batch(self, batch: Iterable[M]) -> None:
+        """Hand over messages with places reserved for them, then let the next thread hand over.
+
+        A QoS 1 message handed over while disconnected stays in paho's session
+        and is sent on reconnect, so every message handed over counts in the
+        window.
+        """
+        try:
+            for item in batch:
+                try:
+                    self._hand_over(item)
+                except (ValueError, RuntimeError) as error:  # paho refused the message itself
+                    log.error("could not publish %s: %s", item.topic, error)
+        finally:
+            with self._condition:
+                self._in_hand = 0
 
     def _run(self) -> None:
         """The publisher thread: what is queued when the connection comes (and a look every second)."""
