@@ -1,27 +1,31 @@
 """``make bench``: the proxy's performance, measured beside its references, in one table.
 
-    .venv/bin/python bench/run.py [--meters 1000] [--rounds 25] [--connections 1] [--quick] [--skip-sender] [--keep]
+    .venv/bin/python bench/run.py [--backlog-runs 3] [--stream] [--skip-memory] [--skip-sender]
+                                  [--only-backlog] [--quick] [--keep] [--meters 1000] [--rounds 25] [--connections 1]
 
 Everything runs on this machine in one go, against its own Mosquitto
 processes on free ports (never 1883/11883/11884):
 
-- throughput: a pre-generated load of distinct, valid RT_DATA/ENY_NOW readings
-  (``payloads.py``) published with ``mosquitto_pub -l`` into an internal
-  broker, forwarded to a central broker, counted there by ``mosquitto_sub``;
-  at QoS 0 and QoS 1 for the proxy, the bare paho forwarder
-  (``bare_forwarder.py``, the Python ceiling) and Mosquitto's own bridge (the
-  C ceiling). Every message must arrive: a loss makes the exit code 1;
-- added latency at a steady 1,000 msg/s (``paced_publisher.py``);
-- the proxy's resident memory with 1, 1,000 and 100,000 distinct meters, and
-  its CPU time per 1,000 messages;
+- backlog drain: 12,000 real RT_DATA readings of 1,000 meters queued on the
+  internal broker while the forwarder is stopped (SIGSTOP), timed from SIGCONT
+  to the last clean message on the central broker, at QoS 1 and QoS 0 loads,
+  for the proxy and the bare paho forwarder (``bare_forwarder.py``, the
+  simplest paho forwarder: the ceiling) alternately, with proxy ÷ bare;
+- added latency at a steady 1,000 msg/s (``paced_publisher.py``), for the
+  proxy, the bare forwarder and Mosquitto's own bridge;
+- the proxy's resident memory with 1, 1,000 and 100,000 distinct meters;
 - config_sender: 1,000 meters answering, 1,000 never answering, and the time
-  from saving ``config.yaml`` to the first command.
+  from saving ``config.yaml`` to the first command;
+- with ``--stream``: the steady-stream throughput (a pre-generated load
+  published with ``mosquitto_pub -l`` while the forwarder runs) of the proxy,
+  the bare forwarder and Mosquitto's bridge at QoS 0 and QoS 1.
 
-It prints one table (metric | value | target | met?) with the machine, the
-software versions and the broker settings; exit code 1 when a run lost
-messages, a daemon crashed or a measurement could not be made, 2 when
-Mosquitto's programs are missing. A target not met is a "**NO**" in the table,
-not an exit code. See bench/README.md for what limits each figure.
+Every message must arrive: a loss makes the exit code 1. It prints one table
+(metric | value | target | met?) with the machine, the software versions and
+the broker settings; exit code 1 when a run lost messages, a daemon crashed or
+a measurement could not be made, 2 when Mosquitto's programs are missing. A
+target not met is a "**NO**" in the table, not an exit code. See
+bench/README.md for what limits each figure.
 """
 
 from __future__ import annotations
@@ -1065,8 +1069,9 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(1.0)
     before = quiet.percent()
     messages = 2 * args.meters * args.rounds
-    print(f"kpm33b-proxy benchmark: {messages:,} readings of {args.meters:,} meters per throughput run; "
-          f"other load on the machine before starting: {before:.0f} %; work directory {workdir}", flush=True)
+    stream = f"; {messages:,} readings per steady-stream run" if args.stream else ""
+    print(f"kpm33b-proxy benchmark: backlogs of {BACKLOG_READINGS * args.meters:,} readings of {args.meters:,} meters"
+          f"{stream}; other load on the machine before starting: {before:.0f} %; work directory {workdir}", flush=True)
     results: list[Throughput] = []
     latencies: list[Latency] = []
     failures: list[str] = []
@@ -1145,8 +1150,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.skip_sender or args.only_backlog):
             sender = step("config_sender", lambda: run_sender(workdir / "sender"))
             if sender is not None:
-                print(f"  config_sender: configure {sender.configure_all} s, alert {sender.alert_all} s, "
-                      f"save to first command {sender.save_to_command} s, other load {sender.foreign:.0f} %",
+                def secs(value: float | None) -> str:
+                    return "never" if value is None else f"{value:.2f} s"
+                print(f"  config_sender: configure {secs(sender.configure_all)}, alert {secs(sender.alert_all)}, "
+                      f"save to first command {secs(sender.save_to_command)}, other load {sender.foreign:.0f} %",
                       flush=True)
                 if sender.acked < 2 * SENDER_METERS or sender.alerted < 2 * SENDER_METERS:
                     failures.append(f"config_sender: {sender.acked} acks and {sender.alerted} alerts of "
@@ -1171,9 +1178,14 @@ def main(argv: list[str] | None = None) -> int:
     print("brokers: Mosquitto, one process each for the internal and the central broker, "
           + ", ".join(BROKER_SETTINGS) + "; the bridge: a connection in the internal broker, cleansession, "
           "QoS 1 topics (a QoS 0 message stays QoS 0 over a bridge)")
-    print(f"load: mosquitto_pub -l, {args.connections} connection(s) per topic and data topic, MQTT 3.1.1, -M 1000; "
-          f"{args.meters:,} meters, RT_DATA (~590 B) and ENY_NOW (~270 B) alternating, every reading distinct; "
-          "counted by mosquitto_sub -q 1 on the central broker")
+    print(f"backlog: {BACKLOG_READINGS * args.meters:,} RT_DATA readings (~590 B) of {args.meters:,} meters by "
+          "mosquitto_pub -l (one connection, MQTT 3.1.1, -M 1000) while the forwarder is stopped (SIGSTOP), timed "
+          "from SIGCONT to the last message counted by mosquitto_sub -q 1 on the central broker; runs alternate "
+          "proxy and bare, the median counts")
+    if args.stream:
+        print(f"stream load: mosquitto_pub -l, {args.connections} connection(s) per topic and data topic, MQTT 3.1.1, "
+              f"-M 1000; {args.meters:,} meters, RT_DATA (~590 B) and ENY_NOW (~270 B) alternating, every reading "
+              "distinct; counted by mosquitto_sub -q 1 on the central broker")
     print(f"command: make bench (bench/run.py), {time.monotonic() - began:.0f} s")
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
