@@ -1051,6 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="backlog drains per forwarder and QoS (alternating proxy and bare; the median counts)")
     parser.add_argument("--stream", action="store_true",
                         help="also the steady-stream throughput runs (proxy, bare, bridge at QoS 0 and 1; +2 min)")
+    parser.add_argument("--skip-backlog", action="store_true", help="leave out the backlog drains")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the 100,000-meter memory run")
     parser.add_argument("--only-backlog", action="store_true", help="the backlog drains only (for profiling work)")
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test, not a measurement)")
@@ -1092,7 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
         backlog_warm = builder.rounds(0, 1, (RT_DATA,))
         backlog_readings = builder.rounds(1, BACKLOG_READINGS, (RT_DATA,))
         for qos in (1, 0):
-            for index in range(1 if args.quick else args.backlog_runs):
+            for index in range(0 if args.skip_backlog else 1 if args.quick else args.backlog_runs):
                 for kind in (PROXY, BARE) if index % 2 == 0 else (BARE, PROXY):
                     drained = step(f"backlog {kind} QoS {qos}", lambda kind=kind, qos=qos, index=index: run_backlog(
                         kind, qos, backlog_warm, backlog_readings,
