@@ -237,6 +237,10 @@ def _reject_constant(name: str) -> float:
     raise ValueError(name)
 
 
+# One decoder for every payload: ``json.loads`` with an argument builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _is_finite(value: float) -> bool:
     """Finite, and representable as a float (a 400-digit integer is not)."""
     try:
@@ -264,7 +268,7 @@ def parse_packet(raw: bytes, mapped_tags: Callable[[str], Container[str]] = _eve
     except UnicodeDecodeError:
         raise Rejected(REJECT_NOT_UTF8, "payload is not UTF-8") from None
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
+        document = _DECODER.decode(text)
     except (ValueError, RecursionError):
         raise Rejected(REJECT_NOT_JSON, f"not JSON: {text[:60]!r}") from None
     if not isinstance(document, dict):

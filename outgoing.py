@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -173,14 +173,24 @@ class PublishWindow(Generic[T]):
 class Forwarder(Generic[M]):
     """A bounded FIFO of messages for one client, published in order within a ``PublishWindow``.
 
-    ``put`` (any thread) publishes at once from the caller's thread when
-    nothing is queued ahead and the window has room, else queues; a publisher
-    thread hands queued messages over while ``connected``. When the queue is
-    full the oldest message is dropped and given to ``dropped`` (the newest
-    readings are the most useful after a long outage). ``skip(item)`` may
-    veto a message just before it is handed over (it is then given to
-    ``skipped``: too large for the broker, say). Wire ``answered`` to the
-    client's ``on_publish``, and ``set_connected`` to its connection state.
+    Messages are handed over by whichever thread finds the window with room
+    and nobody else handing over: ``put`` (any thread) publishes from the
+    caller's thread, and the PUBACK that frees a place (``answered``, paho's
+    network thread) hands the next queued messages over itself; so no message
+    waits for a thread to be woken and no thread is woken per message. One
+    thread hands over at a time (``_in_hand``), which keeps the FIFO order;
+    a thread that finds another one at work leaves its messages to it (that
+    one looks at the queue again before it stops). A publisher thread does
+    what no message and no answer starts: the queue after a (re)connection,
+    and a look every second as a safety net. Nothing is handed over while
+    disconnected.
+
+    When the queue is full the oldest message is dropped and given to
+    ``dropped`` (the newest readings are the most useful after a long outage).
+    ``skip(item)`` may veto a message just before it is handed over (it is
+    then settled by ``skip`` itself: too large for the broker, say). Wire
+    ``answered`` to the client's ``on_publish``, and ``set_connected`` to its
+    connection state.
     """
 
     def __init__(self, client: mqtt.Client, settle: Settle[M], *, capacity: int, window: int = WINDOW,
@@ -192,10 +202,11 @@ class Forwarder(Generic[M]):
         self.capacity = capacity
         self._condition = threading.Condition()
         self._queue: deque[M] = deque()
-        self._in_hand = 0  # taken from the queue (or put directly), being handed over now
+        self._in_hand = 0  # taken from the queue, being handed over now (by one thread at a time)
         self._connected = False
         self._stopping = False
-        self.window: PublishWindow[M] = PublishWindow(settle, size=window, on_room=self._notify)
+        self._kick = threading.Event()  # wakes the publisher thread: connected, or stopping
+        self.window: PublishWindow[M] = PublishWindow(settle, size=window, on_room=self._pump)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # --- what the owner calls ---------------------------------------------------------
@@ -207,24 +218,19 @@ class Forwarder(Generic[M]):
     def put(self, item: M) -> None:
         """Publish ``item`` after what is queued; never blocks (see the class)."""
         with self._condition:
-            direct = (not self._queue and not self._in_hand and self._connected and not self._stopping)
-            if direct and self.window.reserve(1):
-                self._in_hand += 1
+            # Nothing ahead of it and room: handed over at once, without going through the queue.
+            direct = (not self._queue and not self._in_hand and self._connected and not self._stopping
+                      and self.window.reserve(1))
+            if direct:
+                self._in_hand = 1
             else:
-                direct = False
                 oldest = self._queue.popleft() if len(self._queue) >= self.capacity else None
                 self._queue.append(item)
-                self._condition.notify()
-        if direct:  # saves the hand-over to the publisher thread
-            try:
-                self._hand_over(item)
-            finally:
-                with self._condition:
-                    self._in_hand -= 1
-                    self._condition.notify()
-            return
-        if oldest is not None:
+        if direct:
+            self._hand_over_batch((item,))
+        elif oldest is not None:
             self._dropped(oldest)
+        self._pump()
 
     def answered(self, mid: int, reason_code: Any) -> None:
         """The broker's PUBACK (call from the client's ``on_publish``)."""
@@ -235,9 +241,9 @@ class Forwarder(Generic[M]):
         with self._condition:
             was = self._connected
             self._connected = connected
-            self._condition.notify()
         if connected and not was:
             self.window.reconnected()
+            self._kick.set()
 
     def expire(self) -> int:
         """Give up on PUBACKs that are not coming (call periodically); how many."""
@@ -252,21 +258,24 @@ class Forwarder(Generic[M]):
             return removed
 
     def drain(self, seconds: float) -> bool:
-        """Wait (at most ``seconds``, while connected) until everything is delivered; whether it was."""
+        """Wait (at most ``seconds``, while connected) until everything is delivered; whether it was.
+
+        It looks every 50 ms: nothing wakes it, so that the path of every
+        message wakes no thread.
+        """
         deadline = time.monotonic() + seconds
-        with self._condition:
-            while self.pending() and self._connected:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._condition.wait(min(left, 0.05))
-            return not self.pending()
+        while self.pending() and self._connected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.05))
+        return not self.pending()
 
     def stop(self, timeout: float = 2.0) -> None:
         """End the publisher thread (what is queued stays queued)."""
         with self._condition:
             self._stopping = True
-            self._condition.notify_all()
+        self._kick.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -284,37 +293,52 @@ class Forwarder(Generic[M]):
 
     # --- the publisher thread -------------------------------------------------------------
 
-    def _notify(self) -> None:
-        with self._condition:
-            self._condition.notify_all()
+    def _pump(self) -> None:
+        """Hand queued messages over while the window has room, unless another thread is at it.
 
-    def _run(self) -> None:
-        queue = self._queue
+        Called after a message is queued, after a place in the window is
+        freed, and by the publisher thread. Never holds the condition while
+        publishing: paho calls ``on_publish`` (here: ``answered``) holding its
+        own lock. The unlocked first look only saves the lock when nothing is
+        queued: whoever queues a message pumps after it.
+        """
+        if not self._queue:
+            return
         while True:
             with self._condition:
-                while True:
-                    if self._stopping:
-                        return
-                    if self._connected and self._queue and not self._in_hand:
-                        count = self.window.reserve(len(self._queue))
-                        if count:
-                            break
-                    self._condition.wait(1.0)
+                if self._in_hand or not self._connected or self._stopping or not self._queue:
+                    return
+                count = self.window.reserve(len(self._queue))
+                if not count:
+                    return  # the next answer frees a place and pumps again
                 queue = self._queue
                 batch = [queue.popleft() for _ in range(count)]
-                self._in_hand += count
-            # Handed over outside the condition: paho calls on_publish holding its own lock.
-            # A QoS 1 message handed over while disconnected stays in paho's session and is
-            # sent on reconnect, so every message handed over counts in the window.
-            try:
-                for item in batch:
-                    try:
-                        self._hand_over(item)
-                    except (ValueError, RuntimeError) as error:  # paho refused the message itself
-                        log.error("could not publish %s: %s", item.topic, error)
-            finally:
-                with self._condition:
-                    self._in_hand -= count
+                self._in_hand = count
+            self._hand_over_batch(batch)
+
+    def _hand_over_batch(self, batch: Iterable[M]) -> None:
+        """Hand over messages with places reserved for them, then let the next thread hand over.
+
+        A QoS 1 message handed over while disconnected stays in paho's session
+        and is sent on reconnect, so every message handed over counts in the
+        window.
+        """
+        try:
+            for item in batch:
+                try:
+                    self._hand_over(item)
+                except (ValueError, RuntimeError) as error:  # paho refused the message itself
+                    log.error("could not publish %s: %s", item.topic, error)
+        finally:
+            with self._condition:
+                self._in_hand = 0
+
+    def _run(self) -> None:
+        """The publisher thread: what is queued when the connection comes (and a look every second)."""
+        while not self._stopping:
+            self._kick.wait(1.0)
+            self._kick.clear()
+            self._pump()
 
     def _hand_over(self, item: M) -> None:
         """Publish one message in a reserved place of the window (or skip it)."""

@@ -114,11 +114,13 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.published: list[tuple[int, str]] = []
+        self.threads: list[int] = []  # the thread that published each message
         self.lock = threading.Lock()
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> Info:
         with self.lock:
             self.published.append((len(self.published) + 1, topic))
+            self.threads.append(threading.get_ident())
             return Info(len(self.published))
 
 
@@ -190,3 +192,69 @@ def test_a_message_counts_until_its_settling_is_done() -> None:
 
     assert seen == [1]
     assert len(subject) == 0
+
+
+def test_a_message_queued_behind_a_full_window_goes_out_on_the_thread_that_frees_its_place() -> None:
+    # The PUBACK that frees a place hands the next queued message over itself (paho's
+    # network thread, in the proxy): no wake-up of the publisher thread per message.
+    subject, client, settled, _dropped = forwarder(capacity=10, window_size=1)
+    subject.set_connected(True)
+    subject.put(Message("a"))  # the window is free: published at once, on this thread
+    subject.put(Message("b"))  # the window is full: queued
+    subject.put(Message("c"))
+    assert [topic for _mid, topic in client.published] == ["a"]
+
+    answering = threading.Thread(target=subject.answered, args=(1, ACCEPTED))
+    answering.start()
+    answering.join()
+
+    assert [topic for _mid, topic in client.published] == ["a", "b"]
+    assert client.threads == [threading.get_ident(), answering.ident]
+    subject.answered(2, ACCEPTED)
+    assert [topic for _mid, topic in client.published] == ["a", "b", "c"]
+    subject.answered(3, ACCEPTED)
+    assert subject.drain(2.0)
+    assert settled == [("a", None), ("b", None), ("c", None)]
+    subject.stop()
+
+
+def test_many_producers_and_an_answering_thread_settle_every_message_once_in_order() -> None:
+    # Producers put while PUBACKs free places on another thread: nothing is stranded in
+    # the queue, nothing published twice, each producer's messages go out in its order.
+    subject, client, settled, _dropped = forwarder(capacity=100_000, window_size=7)
+    subject.set_connected(True)
+    stop = threading.Event()
+
+    def broker() -> None:  # answers whatever was published, in order
+        answered = 0
+        while not stop.is_set() or answered < len(client.published):
+            with client.lock:
+                mids = [mid for mid, _topic in client.published[answered:]]
+            for mid in mids:
+                subject.answered(mid, ACCEPTED)
+            answered += len(mids)
+            if not mids:
+                stop.wait(0.001)
+
+    def producer(name: str) -> None:
+        for number in range(2_000):
+            subject.put(Message(f"{name}/{number}"))
+
+    answering = threading.Thread(target=broker)
+    answering.start()
+    producers = [threading.Thread(target=producer, args=(name,)) for name in "pqr"]
+    for thread in producers:
+        thread.start()
+    for thread in producers:
+        thread.join()
+    wait_for(lambda: len(settled) == 6_000, timeout=20)
+    stop.set()
+    answering.join()
+
+    assert subject.drain(2.0)
+    topics = [topic for _mid, topic in client.published]
+    assert len(topics) == len(set(topics)) == 6_000
+    for name in "pqr":
+        assert [t for t in topics if t.startswith(name)] == [f"{name}/{number}" for number in range(2_000)]
+    assert sorted(topic for topic, _refused in settled) == sorted(topics)
+    subject.stop()
