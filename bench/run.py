@@ -57,15 +57,21 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.append(str(ROOT / "tests"))  # after bench/: its payloads.py, not the tests'
+sys.path.append(str(ROOT))  # the project's modules, for the names of what the proxy publishes
 
 from broker import Mosquitto, free_port  # noqa: E402
 from payloads import ENY_NOW, RT_DATA, LoadBuilder, Reading, bench_meter_ids, write_publisher_files  # noqa: E402
+
+from ha_discovery import CLOCK_OFFSET_OBJECT  # noqa: E402
 
 PYTHON = sys.executable
 PROXY_SCRIPT = ROOT / "kpm33b_proxy.py"
 MAIN_TOPIC = "kpm33b"
 BRIDGED_PREFIX = f"{MAIN_TOPIC}/bridged/"
 BRIDGE_PROBE = "bench/probe"
+# The last Home Assistant config of each meter's diagnostics (the proxy's defaults: discovery on, prefix
+# homeassistant): they follow a meter's first reading over the next ticks, 50 meters a tick.
+DIAGNOSTICS_DONE = f"homeassistant/sensor/+/{CLOCK_OFFSET_OBJECT}/config"
 COUNTER_PROBE = "bench/counter-probe"
 STALL_SECONDS = 15.0  # no new message for this long: the rest is lost
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -193,6 +199,7 @@ class Monitor:
         self.state: bytes | None = None
         self.stats: dict[str, Any] = {}
         self.probes = 0
+        self.diagnostics: set[str] = set()  # topics of DIAGNOSTICS_DONE seen (latency warm-up)
         self.received: list[tuple[float, str, bytes]] = []
         self._recording = False
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-monitor",
@@ -201,7 +208,9 @@ class Monitor:
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         wait_until(self.client.is_connected, 10, "the monitor's connection")
-        self.subscribe([f"{MAIN_TOPIC}/bridge/+", BRIDGED_PREFIX + BRIDGE_PROBE])
+        # Not <main>/bridge/devices: the device list (about 200 bytes per meter, 100 KB in the latency run,
+        # with every stats message) would delay the readings behind it on this connection.
+        self.subscribe([f"{MAIN_TOPIC}/bridge/state", f"{MAIN_TOPIC}/bridge/stats", BRIDGED_PREFIX + BRIDGE_PROBE])
 
     def subscribe(self, topics: Iterable[str]) -> None:
         """Subscribe at QoS 1 and wait for the SUBACK."""
@@ -218,7 +227,9 @@ class Monitor:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         received = time.monotonic()
         topic = message.topic
-        if self._recording and not message.retain and not topic.startswith((f"{MAIN_TOPIC}/bridge/", "bench/")):
+        if topic.endswith(DIAGNOSTICS_DONE.rsplit("+", 1)[1]):
+            self.diagnostics.add(topic)
+        elif self._recording and not message.retain and not topic.startswith((f"{MAIN_TOPIC}/bridge/", "bench/")):
             self.received.append((received, topic, message.payload))
         elif topic == f"{MAIN_TOPIC}/bridge/state":
             self.state = message.payload
@@ -639,8 +650,12 @@ def run_latency(kind: str, builder: LoadBuilder, rate: float, seconds: float, wo
     try:
         run.monitor.subscribe(run.forwarder.output_topics())
         run.monitor.record(True)
+        if kind == PROXY:
+            run.monitor.subscribe([DIAGNOSTICS_DONE])
         _paced(run.internal.port, warm, rate * 2, workdir / "warm")
         wait_until(lambda: len(run.monitor.received) >= len(warm), 30, f"{kind}: the latency warm-up")
+        if kind == PROXY:  # the warm-up's new meters announced in full (spread over 5 s): a steady state
+            wait_until(lambda: len(run.monitor.diagnostics) >= meters, 30, f"{kind}: the warm-up's diagnostics")
         time.sleep(0.5)
         run.monitor.received.clear()
         foreign = ForeignLoad(run.pids)

@@ -475,6 +475,34 @@ def test_the_computed_packet_size_is_exact_against_mosquittos_maximum_packet_siz
                             "closed: Packet too large"]
 
 
+def test_every_connection_of_a_daemon_sends_without_nagles_algorithm(cleanup: Cleanup) -> None:
+    """Each MQTT packet leaves at once: no small write waits for the ACK of the one before.
+
+    With Nagle's algorithm a PUBLISH or PUBACK written while an earlier small
+    segment is unacknowledged waits for that ACK, which the peer may delay
+    by 40 ms (delayed ACK): the stalls of the latency benchmark. paho writes
+    whole packets and leaves the option alone, so the daemons' clients (built
+    by ``make_client``, run by a ``ConnectionReporter``) set TCP_NODELAY, on
+    every connection, reconnections included.
+    """
+    broker = Mosquitto()
+    cleanup(broker.cleanup)
+    broker.start()
+    settings = BrokerSettings(host="127.0.0.1", port=broker.port)
+    client = mqtt_client.make_client(settings, "nodelay-test")
+    ConnectionReporter(client, "central", settings, logging.getLogger("test_nodelay"))
+    mqtt_client.connect_in_background(client, settings)
+    cleanup(lambda: (client.disconnect(), client.loop_stop()))
+    sockets = []
+    for _connection in range(2):
+        wait_for(lambda: client.is_connected() and client.socket() not in sockets, timeout=30)
+        sock = client.socket()
+        assert sock is not None
+        sockets.append(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        broker.restart()  # the next connection is a new socket
+
+
 @pytest.mark.parametrize(("topic", "payload", "qos", "mqtt5", "size"), [
     ("a/b", 0, 0, False, 7),  # 1 type, 1 length, 2+3 topic
     ("a/b", 10, 1, False, 19),  # + 2 packet id + 10
