@@ -501,19 +501,7 @@ def run_throughput(kind: str, qos: int, warm_readings: list[Reading], readings: 
         times = counter.times[first_index:]
         counted = len(times)
         out_rate = (counted - 1) / (times[-1] - times[0]) if counted > 1 and times[-1] > times[0] else 0.0
-        drops = run.broker_drops()
-        if kind == PROXY:
-            try:
-                wait_until(lambda: run.monitor.stats.get("forwarded", 0) >= len(warm_readings) + counted, 10,
-                           "the proxy's stats")
-            except BenchError:
-                drops.append(f"the proxy's stats do not add up: {run.monitor.stats}")
-            drops += [f"proxy dropped {reason}: {n}" for reason, n in run.monitor.stats.get("dropped", {}).items()]
-        died = run.forwarder_died()
-        if died:
-            drops.append(died)
-        if not complete and not drops:
-            drops.append(f"{len(readings) - counted} messages never arrived")
+        drops = losses(run, kind, len(warm_readings) + counted, complete, len(readings) - counted)
         cpu = (cpu_after - cpu_before) * 1000 / counted * 1000 if cpu_before is not None and counted else None
         return Throughput(kind, qos, len(readings), counted, len(readings) / in_seconds, out_rate, cpu, drops, other)
     finally:
@@ -598,19 +586,7 @@ def run_backlog(kind: str, qos: int, warm_readings: list[Reading], readings: lis
         times = counter.times[first_index:]
         counted = len(times)
         seconds = times[-1] - released if times else 0.0
-        drops = run.broker_drops()
-        if kind == PROXY:
-            try:
-                wait_until(lambda: run.monitor.stats.get("forwarded", 0) >= len(warm_readings) + counted, 10,
-                           "the proxy's stats")
-            except BenchError:
-                drops.append(f"the proxy's stats do not add up: {run.monitor.stats}")
-            drops += [f"proxy dropped {reason}: {n}" for reason, n in run.monitor.stats.get("dropped", {}).items()]
-        died = run.forwarder_died()
-        if died:
-            drops.append(died)
-        if not complete and not drops:
-            drops.append(f"{len(readings) - counted} messages never arrived")
+        drops = losses(run, kind, len(warm_readings) + counted, complete, len(readings) - counted)
         cpu = (cpu_after - cpu_before) * 1e6 / counted if counted else None
         return Backlog(kind, qos, len(readings), counted, seconds, cpu, drops, other)
     finally:
@@ -699,6 +675,23 @@ class Memory:
     seconds_by_meters: dict[int, float]  # how long each step took to be forwarded
     drops: list[str]
     foreign: float
+
+
+def losses(run: Setup, kind: str, forwarded: int, complete: bool, missing: int) -> list[str]:
+    """What went wrong in a run: the brokers' drops, the proxy's own (its stats must count ``forwarded``), a death."""
+    drops = run.broker_drops()
+    if kind == PROXY:
+        try:
+            wait_until(lambda: run.monitor.stats.get("forwarded", 0) >= forwarded, 10, "the proxy's stats")
+        except BenchError:
+            drops.append(f"the proxy's stats do not add up: {run.monitor.stats}")
+        drops += [f"proxy dropped {reason}: {n}" for reason, n in run.monitor.stats.get("dropped", {}).items()]
+    died = run.forwarder_died()
+    if died:
+        drops.append(died)
+    if not complete and not drops:
+        drops.append(f"{missing} messages never arrived")
+    return drops
 
 
 def run_memory(steps: list[int], chunk: int, workdir: Path) -> Memory:

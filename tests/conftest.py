@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from broker import Mosquitto  # noqa: E402
-from daemons import FakeSystemd, stop_leftovers  # noqa: E402
+from daemons import FakeSystemd, config_dict, stop_leftovers, write_config  # noqa: E402
+
+from config_loader import load_config  # noqa: E402
+from config_sender import ConfigSender  # noqa: E402
 
 
 @pytest.fixture
@@ -71,3 +76,34 @@ def cleanup() -> Iterator[Callable[[Callable[[], object]], None]]:
             step()
         except Exception as error:  # the other steps must still run
             print(f"clean-up step failed: {error!r}")
+
+
+@pytest.fixture
+def start_sender(internal_broker: Mosquitto, central_broker: Mosquitto, tmp_path: Path,
+                 caplog: pytest.LogCaptureFixture,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[..., ConfigSender]]:
+    """Start in-process config senders on the test brokers; all stopped at the end of the test.
+
+    ``sections`` and ``meters`` (the meters section's keys) write a new configuration; without them the
+    configuration already in ``tmp_path`` is used (a test may have edited it).
+    """
+    caplog.set_level(logging.DEBUG, logger="config_sender")
+    started: list[ConfigSender] = []
+    prefix = request.node.module.__name__.removeprefix("test_").replace("_", "-")
+
+    def start(retry_delays: tuple[float, ...] = (10.0, 60.0, 300.0), sections: dict[str, Any] | None = None,
+              **meters: Any) -> ConfigSender:
+        path = tmp_path / "config.yaml"
+        if meters or sections or not path.exists():
+            write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, sections=sections,
+                                               **meters))
+        sender = ConfigSender(load_config(path, {}), path, environ={}, retry_delays=retry_delays,
+                              client_id_prefix=f"test-{prefix}-{len(started)}")
+        sender.start()
+        started.append(sender)
+        assert sender.wait_ready(10), "sender did not connect and subscribe to both brokers"
+        return sender
+
+    yield start
+    for sender in started:
+        sender.stop()

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -93,31 +92,6 @@ def fleet(internal_broker: Mosquitto) -> Callable[..., MeterSimulator]:
                                 reply_delay=reply_delay)
 
     return make
-
-
-@pytest.fixture
-def start_sender(internal_broker: Mosquitto, central_broker: Mosquitto, tmp_path: Path,
-                 caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., ConfigSender]]:
-    """Start an in-process sender on the test brokers; stopped at the end of the test."""
-    caplog.set_level(logging.DEBUG, logger="config_sender")
-    started: list[ConfigSender] = []
-
-    def start(retry_delays: tuple[float, ...] = (10.0, 60.0, 300.0), sections: dict[str, Any] | None = None,
-              **meters: Any) -> ConfigSender:
-        path = tmp_path / "config.yaml"
-        if meters or sections or not path.exists():
-            write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, sections=sections,
-                                               **meters))
-        sender = ConfigSender(load_config(path, {}), path, environ={}, retry_delays=retry_delays,
-                              client_id_prefix=f"test-sender-{len(started)}")
-        sender.start()
-        started.append(sender)
-        assert sender.wait_ready(10), "sender did not connect and subscribe to both brokers"
-        return sender
-
-    yield start
-    for sender in started:
-        sender.stop()
 
 
 def acked(caplog: pytest.LogCaptureFixture, meter_id: str) -> int:

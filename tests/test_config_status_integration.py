@@ -29,7 +29,6 @@ from daemons import MAIN, Collector, ProxyStandIn, config_dict, publish_all, pub
 from test_refused_publishes import CENTRAL_PASSWORD, SENDER_USER, acl_central_broker
 
 import config_loader
-from config_loader import load_config
 from config_sender import ConfigSender
 from daemon import ALERT
 from tools.meter_simulator import MeterSimulator
@@ -91,29 +90,6 @@ def fleet(internal_broker: Mosquitto) -> Callable[..., MeterSimulator]:
         return simulated_meters(internal_broker.port, list(reply_modes), cadence=False, reply_mode=reply_modes)
 
     return make
-
-
-@pytest.fixture
-def start_sender(internal_broker: Mosquitto, central_broker: Mosquitto, tmp_path: Path,
-                 caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., ConfigSender]]:
-    """Start an in-process sender on the test brokers (``meters`` make the meters section); stopped at the end."""
-    caplog.set_level(logging.DEBUG, logger="config_sender")
-    started: list[ConfigSender] = []
-
-    def start(retry_delays: tuple[float, ...] = (10.0, 60.0, 300.0), **meters: Any) -> ConfigSender:
-        path = tmp_path / "config.yaml"
-        if meters or not path.exists():
-            write_config(tmp_path, config_dict(internal_broker.port, central_broker.port, **meters))
-        sender = ConfigSender(load_config(path, {}), path, environ={}, retry_delays=retry_delays,
-                              client_id_prefix=f"test-status-{len(started)}")
-        sender.start()
-        started.append(sender)
-        assert sender.wait_ready(10), "sender did not connect and subscribe to both brokers"
-        return sender
-
-    yield start
-    for sender in started:
-        sender.stop()
 
 
 # --- through each state ------------------------------------------------------------------------
