@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from broker import Mosquitto  # noqa: E402
-from daemons import FakeSystemd, config_dict, stop_leftovers, write_config  # noqa: E402
+from daemons import FakeSystemd, ProxyStandIn, config_dict, stop_leftovers, write_config  # noqa: E402
 
 from config_loader import load_config  # noqa: E402
 from config_sender import ConfigSender  # noqa: E402
@@ -76,6 +76,14 @@ def cleanup() -> Iterator[Callable[[Callable[[], object]], None]]:
             step()
         except Exception as error:  # the other steps must still run
             print(f"clean-up step failed: {error!r}")
+
+
+@pytest.fixture
+def central(central_broker: Mosquitto) -> Iterator[ProxyStandIn]:
+    """Stands in for the proxy on the central broker: marks meters online, as the config sender discovers them."""
+    stand_in = ProxyStandIn(central_broker.port)
+    yield stand_in
+    stand_in.close()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -70,13 +70,6 @@ def sender_records(caplog: pytest.LogCaptureFixture, level: int | None = None,
     """The sender's log records so far, filtered."""
     return [r for r in list(caplog.records)
             if r.name == "config_sender" and (level is None or r.levelno == level) and contains in r.getMessage()]
-
-
-@pytest.fixture
-def central(central_broker: Mosquitto) -> Iterator[ProxyStandIn]:
-    stand_in = ProxyStandIn(central_broker.port)
-    yield stand_in
-    stand_in.close()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -67,13 +67,6 @@ def retained_statuses(port: int) -> dict[str, bytes]:
 def sender_records(caplog: pytest.LogCaptureFixture, level: int, contains: str = "") -> list[logging.LogRecord]:
     return [r for r in list(caplog.records)
             if r.name == "config_sender" and r.levelno == level and contains in r.getMessage()]
-
-
-@pytest.fixture
-def central(central_broker: Mosquitto) -> Iterator[ProxyStandIn]:
-    stand_in = ProxyStandIn(central_broker.port)
-    yield stand_in
-    stand_in.close()
 
 
 @pytest.fixture
