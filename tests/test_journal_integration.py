@@ -162,7 +162,9 @@ def test_a_proxy_stopped_mid_drain_restarts_without_losing_a_reading(
     print(f"  restarted proxy: {stats}")
     assert not missing
     assert "energy_decrease" not in stats["dropped"]
-    assert stats["forwarded"] >= 1_000, "the proxy was not stopped mid-drain"
+    # Mid-drain: the restarted proxy had readings left to forward. How many depends on how fast the first
+    # one drained before the stop point (550 to 20,000 seen), so any number above none proves it.
+    assert stats["forwarded"] > 0, "the proxy was not stopped mid-drain"
 
 
 # --- 2. damage survived ------------------------------------------------------------
