@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
+import orjson
+
 from topics import MINUTES, SECONDS, is_valid_meter_id
 
 # The tag of the one value each clean message carries, and its clean name.
@@ -241,6 +243,24 @@ def _reject_constant(name: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+def _decode_strictly(raw: bytes) -> object:
+    """The standard library's reading of a payload orjson refused, or Rejected with the reason.
+
+    orjson (ten times faster on a reading) refuses what the standard library
+    takes: a number no float can hold (``1e400``), a lone surrogate. Such a
+    value in a tag the mapping does not use must not cost the reading, and in
+    a mapped one it must be named: this path keeps the verdicts as they were.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected(REJECT_NOT_UTF8, "payload is not UTF-8") from None
+    try:
+        return _DECODER.decode(text)
+    except (ValueError, RecursionError):
+        raise Rejected(REJECT_NOT_JSON, f"not JSON: {text[:60]!r}") from None
+
+
 def _is_finite(value: float) -> bool:
     """Finite, and representable as a float (a 400-digit integer is not)."""
     try:
@@ -264,13 +284,9 @@ def parse_packet(raw: bytes, mapped_tags: Callable[[str], Container[str]] = _eve
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise Rejected(REJECT_OVERSIZED, f"{len(raw)} bytes, more than {MAX_PAYLOAD_BYTES}")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Rejected(REJECT_NOT_UTF8, "payload is not UTF-8") from None
-    try:
-        document = _DECODER.decode(text)
-    except (ValueError, RecursionError):
-        raise Rejected(REJECT_NOT_JSON, f"not JSON: {text[:60]!r}") from None
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        document = _decode_strictly(raw)
     if not isinstance(document, dict):
         raise Rejected(REJECT_NOT_OBJECT, f"JSON {type(document).__name__}, not an object")
     meter_id = document.pop("id", None)

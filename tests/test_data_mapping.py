@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+import orjson
 import pytest
 from payloads import capture_payloads, minute
 
@@ -648,6 +649,18 @@ def test_extra_tag_the_mapping_does_not_use_is_ignored(extra: object) -> None:
     assert outcomes[0].message.payload["voltage_l1"] == 229.1
     assert "ver" not in outcomes[0].message.payload
     assert outcomes[1] == energy_message(56.331)
+
+
+@pytest.mark.parametrize("extra", [b"1e400", b"1" + b"0" * 400, b'"\\ud800"'],
+                         ids=["beyond-float-range", "400-digit-integer", "lone-surrogate"])
+def test_a_tag_the_fast_json_parser_refuses_does_not_cost_the_reading(extra: bytes) -> None:
+    # orjson refuses these payloads outright; the standard library reads them, and the
+    # tag is then left out like any other the mapping does not use.
+    payload = raw(zyggl=6.6905).replace(b'"time"', b'"ver":' + extra + b',"time"')
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(payload)
+
+    assert MeterDataProcessor().process(SECONDS, payload, 0.0) == power_message(6.6905)
 
 
 def test_extra_non_numeric_tag_does_not_hide_an_all_zero_reading() -> None:
