@@ -330,27 +330,39 @@ def install_signal_handlers(stop: threading.Event, reload: Callable[[], None] | 
 
     ``systemctl reload`` sends SIGHUP, and its default action (terminate) is
     an exit systemd's ``Restart=on-failure`` takes for clean. With ``reload``,
-    SIGHUP calls it; without, SIGHUP is logged and ignored. ``reload`` runs in
-    the signal handler, on the main thread between two bytecodes, perhaps
-    while that thread holds a lock: it must only hand the work over (set an
-    event, put on a ``queue.SimpleQueue``) and return, never reload itself.
+    SIGHUP calls it; without, SIGHUP is logged and ignored.
+
+    A handler runs on the main thread between two bytecodes, perhaps while
+    that thread holds a lock: inside ``stop.wait`` it holds the event's own.
+    Setting the event there, or logging, would wait for that lock for ever.
+    So the handler only puts the signal on a ``queue.SimpleQueue`` (its
+    ``put`` is reentrant), and a thread of its own logs it and sets ``stop``
+    or calls ``reload``, which should still only hand the work over.
     """
     log = logging.getLogger(__name__)
+    received: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def deliver() -> None:
+        while True:
+            signum = received.get()
+            name = signal.Signals(signum).name
+            if signum != signal.SIGHUP:
+                log.info("%s received, shutting down", name)
+                stop.set()
+            elif reload is None:
+                log.warning("SIGHUP received: this daemon reads its configuration at start-up only; "
+                            "restart it to apply changes")
+            else:
+                reload()
+
+    threading.Thread(target=deliver, name="signals", daemon=True).start()
 
     def handle(signum: int, _frame: object) -> None:
-        log.info("%s received, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    def handle_hangup(_signum: int, _frame: object) -> None:
-        if reload is None:
-            log.warning("SIGHUP received: this daemon reads its configuration at start-up only; "
-                        "restart it to apply changes")
-            return
-        reload()
+        received.put(signum)
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGHUP, handle_hangup)
+    signal.signal(signal.SIGHUP, handle)
 
 
 # --- the command line and main ----------------------------------------------------------

@@ -83,6 +83,38 @@ def test_sighup_calls_the_reload_callback_and_does_not_stop() -> None:
             signal.signal(signum, handler)
 
 
+# A signal's handler runs on the main thread between two bytecodes: also while that thread holds a lock,
+# e.g. the condition lock of the stop event inside ``stop.wait`` (the daemons' main loops), or of the
+# proxy's reload event. The script holds that very lock when the signal comes, then checks that the
+# handler did its work once the lock is free. A handler that takes the lock itself never returns.
+SIGNAL_WHILE_LOCKED = """
+import logging, os, signal, sys, threading, time
+sys.path.insert(0, {root!r})
+logging.basicConfig(level=logging.INFO)
+from daemon import install_signal_handlers
+stop, reloads = threading.Event(), threading.Event()
+install_signal_handlers(stop, reload=reloads.set)
+event = reloads if {signum} == signal.SIGHUP else stop
+with event._cond:  # what Event.wait and Event.set hold
+    os.kill(os.getpid(), {signum})
+    for _ in range(1000):  # bytecodes for the handler to run between
+        time.sleep(0.001)
+sys.exit(0 if event.wait(5) and (stop.is_set() == ({signum} != signal.SIGHUP)) else 1)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_arriving_while_the_main_thread_holds_a_lock_is_handled_without_a_deadlock(signum) -> None:
+    script = SIGNAL_WHILE_LOCKED.format(root=str(ROOT), signum=int(signum))
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{signum.name} arriving while the main thread held the event's lock deadlocked it")
+    assert done.returncode == 0, done.stderr
+    if signum != signal.SIGHUP:  # a reload is the daemon's to log
+        assert f"{signum.name} received, shutting down" in done.stderr
+
+
 # --- standard output nobody reads, or closed ---------------------------------------------------
 
 

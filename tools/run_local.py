@@ -137,9 +137,11 @@ def main() -> int:
     (RUN_DIR / "internal.conf").write_text(internal_conf)
 
     runner = Runner(colour=sys.stdout.isatty())
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # The handlers only append to a list: a signal interrupts the main thread between two bytecodes,
+    # perhaps inside a lock (an Event's, while it waits), which setting an Event would wait for for ever.
+    stop: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: stop.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
     python = sys.executable
     try:
         runner.start("internal", ["mosquitto", "-c", str(RUN_DIR / "internal.conf")])
@@ -159,7 +161,8 @@ def main() -> int:
                               "the meters here; clean messages on 127.0.0.1:11884")
         runner.say("run", "Ctrl-C stops everything")
         deadline = time.monotonic() + args.duration if args.duration else None
-        while not stop.wait(0.2):
+        while not stop:
+            time.sleep(0.2)
             exited = runner.first_exited()
             if exited is not None:
                 runner.say(exited[0], f"exited by itself with code {exited[1]}")
