@@ -136,6 +136,18 @@ def _heap_trimmer() -> Callable[[int], int] | None:
 MALLOC_TRIM = _heap_trimmer()
 
 
+def resident_mb() -> float | None:
+    """The process's resident size in MB (VmRSS), where ``/proc`` tells it."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def state_directory(config_path: Path, environ: Mapping[str, str]) -> Path:
     """``$STATE_DIRECTORY`` (set by systemd's StateDirectory=), else ``state/`` beside the config."""
     from_systemd = environ.get("STATE_DIRECTORY")
@@ -260,6 +272,7 @@ class Proxy:
         self._next_trim = self.started_at + TRIM_INTERVAL_SECONDS
         self._next_last_seen_save = self.started_at + LAST_SEEN_SAVE_SECONDS
         self._meters_at_trim = 0
+        self._meters_at_last_tick = 0
         self.internal.on_connect = self._on_internal_connect
         self.internal.on_disconnect = self._on_internal_disconnect
         self.internal.on_subscribe = self._on_internal_subscribe
@@ -360,6 +373,7 @@ class Proxy:
     def tick(self, now: float) -> None:
         """Periodic work: readiness, reloads, meters gone silent, journal, heartbeat."""
         self.heartbeat = now
+        self._trim_heap(now)
         if self._reload_requested.is_set():
             self._reload()
         if not self._ready_sent and self._bridge_online:
@@ -388,18 +402,32 @@ class Proxy:
             self.publish_device_list(now)  # last_seen refreshed with the stats
         elif self._devices_changed and now >= self._next_device_list:
             self.publish_device_list(now)
-        self._trim_heap(now)
 
     def _trim_heap(self, now: float) -> None:
-        """Give freed memory back once a burst of new meters has been delivered, and every minute."""
+        """Give freed memory back once a burst of new meters has been forwarded, and every minute.
+
+        Called first in a tick: what the tick queues itself (Home Assistant's
+        diagnostic configs, 100 meters a tick for long after a burst) must not
+        count as a burst still going on. A burst is over when no new meter
+        arrived since the last tick and every reading has been forwarded.
+        """
         meters = len(self.availability)
+        arriving = meters != self._meters_at_last_tick
+        self._meters_at_last_tick = meters
         burst_over = (meters - self._meters_at_trim >= TRIM_AFTER_NEW_METERS
-                      and not self.outgoing.pending())
+                      and not arriving and not self.outgoing.pending())
         if MALLOC_TRIM is None or not (burst_over or now >= self._next_trim):
             return
         self._next_trim = now + TRIM_INTERVAL_SECONDS
+        new_meters = meters - self._meters_at_trim
         self._meters_at_trim = meters
+        before = resident_mb()
         MALLOC_TRIM(0)
+        after = resident_mb()
+        if before is not None and after is not None:
+            log.debug("gave freed memory back to the system (%s): %d meters, %d new since the last time; "
+                      "resident %.1f MB, before %.1f MB", "a burst of new meters forwarded" if burst_over
+                      else "every minute", meters, new_meters, after, before)
 
     def apply_config(self, new: Config) -> None:
         """Take a reloaded configuration into use without a restart and without losing a reading.
