@@ -566,8 +566,11 @@ class DiscoveryAnnouncer:
             if len(batch) >= limit:
                 break
             batch.append(meter_id)
-        for meter_id in batch:
-            del queue[meter_id]
+        if len(batch) == len(queue):
+            queue.clear()  # gives its table back: a dict emptied key by key keeps the size of its largest burst
+        else:
+            for meter_id in batch:
+                del queue[meter_id]
         return batch
 
     def on_central_message(self, topic: str, payload: bytes, retained: bool) -> None:

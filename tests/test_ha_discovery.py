@@ -9,6 +9,7 @@ Home Assistant would reject or misread fails here first.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -618,6 +619,55 @@ def test_a_burst_of_new_meters_gets_its_diagnostics_at_the_announcements_bounded
     assert sorted(topic for topic, _p, _r in published.meter_messages()) == sorted(
         topic for meter_id in meter_ids(1000) for topic in discovery_configs(meter_id, MeterSettings(), "kpm33b",
                                                                              "homeassistant"))
+
+
+class Discarded(Published):
+    """Counts what the announcer hands to ``publish`` and keeps none of it (memory is measured)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __call__(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.count += 1
+
+
+@pytest.mark.parametrize("waiting", ["diagnostics of new meters", "re-announcements"])
+def test_once_a_burst_of_meters_is_announced_its_waiting_list_gives_its_memory_back(waiting: str) -> None:
+    """A dict never shrinks: each waiting list kept the size of its largest burst for good.
+
+    100,000 new meters (their diagnostics), or Home Assistant back online with
+    100,000 known (every re-announcement), left 3.75 MB each in the proxy.
+    What stays is the known meters alone.
+    """
+    published = Discarded()
+    subject = DiscoveryAnnouncer(MeterSettings(), "kpm33b", "homeassistant", published)
+    ids = meter_ids(20_000)
+    tracemalloc.start()
+    try:
+        if waiting == "re-announcements":
+            subject.announce_known(ids)
+            known = tracemalloc.take_snapshot()
+            subject.ha_online()
+        else:
+            for meter_id in ids:
+                subject.meter_seen(meter_id)
+            known = tracemalloc.take_snapshot()
+        before = -1
+        while before != published.count:  # until nothing more goes out
+            before = published.count
+            subject.tick(0.0)
+        done = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    assert subject.pending() == 0 and len(subject.known()) == len(ids)
+
+    def held(snapshot: tracemalloc.Snapshot) -> int:
+        return sum(trace.size for trace in snapshot.filter_traces([tracemalloc.Filter(True, ha_discovery.__file__)]
+                                                                  ).traces)
+
+    # When the burst arrived, the known meters and the waiting list; once announced, the known meters only.
+    assert held(done) < held(known) / 2 + 50_000, (held(known), held(done))
 
 
 def test_diagnostics_due_are_dropped_for_a_meter_excluded_or_discovery_switched_off() -> None:
