@@ -327,8 +327,8 @@ class ConfigSender:
     def request_reload(self) -> None:
         """Reload the configuration now, even if the file looks unchanged (SIGHUP, ``systemctl reload``).
 
-        Safe to call from a signal handler: it only puts an item on the
-        worker's ``SimpleQueue`` (reentrant), and the worker does the reload.
+        Called from the daemon's ``signals`` thread; it only puts an item on
+        the worker's ``SimpleQueue``, and the worker does the reload.
         """
         self._queue.put(_ReloadRequested())
 
