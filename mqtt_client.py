@@ -61,6 +61,8 @@ CONNACK_TIMEOUT_SECONDS = 10.0
 TLS_PORTS = frozenset((443, 8443, 8883, 8884, 8885, 8886))
 PLAIN_PORTS = frozenset((1883, 1884, 11883))
 MQTT_VERSIONS = {PROTOCOL_5: MQTTProtocolVersion.MQTTv5, PROTOCOL_311: MQTTProtocolVersion.MQTTv311}
+
+
 class BufferedClient(mqtt.Client):
     """paho's client, reading its socket up to 64 KiB at a time instead of a few bytes.
 
