@@ -77,7 +77,7 @@ from daemon import (
     log_lines_dropped,
 )
 from fleet import parse_device_list
-from mqtt_client import ConnectionReporter, connect_in_background, make_client, network_thread_alive
+from mqtt_client import ConnectionReporter, connect_in_background, make_client, network_thread_alive, refused_filters
 from outgoing import EXPIRED, PublishWindow
 from sd_notify import SystemdNotifier
 from topics import (
@@ -122,7 +122,7 @@ STATUS_IN_FLIGHT = 500
 
 @dataclass(frozen=True)
 class _CentralSubscribed:
-    ok: bool
+    refused: tuple[str, ...]  # "<filter> (<reason>)" for each filter the broker refused
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class _CentralMessage:
 
 @dataclass(frozen=True)
 class _InternalSubscribed:
-    ok: bool
+    refused: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -252,6 +252,9 @@ class ConfigSender:
         self._status_counts = {"config_status_published": 0, "config_status_refused": 0}  # worker only
         self._central_ready = False
         self._internal_ready = False
+        # What each broker was last asked to subscribe to, set on its network thread before its SUBACK.
+        self._central_filters: tuple[str, ...] = ()
+        self._internal_filters: tuple[str, ...] = ()
         self._ready = threading.Event()
         self._crashed = threading.Event()
         self._stopping = False
@@ -406,7 +409,8 @@ class ConfigSender:
         # sends retained messages in the order of the filters, so a per-client queue limit cuts short
         # the per-meter topics, never the one message that names every meter.
         main = self._config.central_broker_topics.external_main_topic
-        client.subscribe([(topic, 1) for topic in (self._devices_topic, *meter_subscriptions(main))])
+        self._central_filters = (self._devices_topic, *meter_subscriptions(main))
+        client.subscribe([(topic, 1) for topic in self._central_filters])
 
     def _on_internal_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any,
                              properties: Any) -> None:
@@ -415,7 +419,8 @@ class ConfigSender:
         logger.info("connected to the internal broker %s:%d", self._config.internal_broker.host,
                     self._config.internal_broker.port)
         topics = self._config.internal_broker_topics
-        client.subscribe([(topic, 1) for topic in dict.fromkeys((topics.meter_config_ack, topics.meter_time_ack))])
+        self._internal_filters = tuple(dict.fromkeys((topics.meter_config_ack, topics.meter_time_ack)))
+        client.subscribe([(topic, 1) for topic in self._internal_filters])
 
     def _on_disconnect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason_code: Any,
                        _properties: Any) -> None:
@@ -426,11 +431,11 @@ class ConfigSender:
 
     def _on_central_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reason_codes: list[Any],
                               _properties: Any) -> None:
-        self._queue.put(_CentralSubscribed(not any(code.is_failure for code in reason_codes)))
+        self._queue.put(_CentralSubscribed(refused_filters(self._central_filters, reason_codes)))
 
     def _on_internal_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reason_codes: list[Any],
                                _properties: Any) -> None:
-        self._queue.put(_InternalSubscribed(not any(code.is_failure for code in reason_codes)))
+        self._queue.put(_InternalSubscribed(refused_filters(self._internal_filters, reason_codes)))
 
     def _on_central_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._queue.put(_CentralMessage(message.topic, message.payload, bool(message.retain)))
@@ -519,14 +524,18 @@ class ConfigSender:
                 self._window.answered(mid, reason_code)
             case _StatusSettled():
                 self._status_settled(item)
-            case _InternalSubscribed(ok=ok):
-                if not ok:
-                    logger.error("internal broker refused the subscription to the meters' reply topics")
+            case _InternalSubscribed(refused=refused):
+                ok = not refused
+                if refused:
+                    logger.error("the internal broker refused the subscription to the meters' reply topics: %s",
+                                 ", ".join(refused))
                 self._internal_ready = ok
                 self._check_ready()
-            case _CentralSubscribed(ok=ok):
-                if not ok:
-                    logger.error("central broker refused the subscription to the meter topics")
+            case _CentralSubscribed(refused=refused):
+                ok = not refused
+                if refused:
+                    logger.error("the central broker refused the subscription to the meter topics: %s",
+                                 ", ".join(refused))
                 elif not self._central_ready:
                     # Deaf until now: the meters' silence meanwhile says nothing about them.
                     self._tracker.resume_listening(time.monotonic())

@@ -277,8 +277,13 @@ class Proxy:
         self.internal.on_disconnect = self._on_internal_disconnect
         self.internal.on_subscribe = self._on_internal_subscribe
         self.internal.on_message = self._on_internal_message
+        # The filters of each central subscription awaiting its SUBACK, by message id: the SUBACK's
+        # reason codes come in the order of the filters, but name none of them.
+        self._subscribing: dict[int, tuple[str, ...]] = {}
+        self._subscribing_lock = threading.Lock()
         self.central.on_connect = self._on_central_connect
         self.central.on_disconnect = self._on_central_disconnect
+        self.central.on_subscribe = self._on_central_subscribe
         self.central.on_publish = self._on_central_publish
         self.central.on_message = self._on_central_message
 
@@ -480,7 +485,7 @@ class Proxy:
             # Subscribing again makes the broker send the retained configs again: the announcer
             # removes those no longer wanted (a meter excluded, a group removed), configs first.
             if self.discovery.subscriptions:
-                self.central.subscribe([(topic, 1) for topic in self.discovery.subscriptions])
+                self._subscribe_central(self.discovery.subscriptions)
         log.info("configuration reloaded: %s%s", config_loader.describe(config),
                  f"; excluded now: {', '.join(newly_excluded)}" if newly_excluded else "")
 
@@ -787,8 +792,44 @@ class Proxy:
             self._publish_availability(meter_id, ONLINE)
         # The meters' retained availability (meters known before a restart that stay silent must still
         # go offline), then Home Assistant's status and the configs retained.
-        self.central.subscribe([(topic, 1) for topic in (self.availability_subscription,
-                                                         *self.discovery.subscriptions)])
+        self._subscribe_central((self.availability_subscription, *self.discovery.subscriptions))
+
+    def _subscribe_central(self, filters: tuple[str, ...]) -> None:
+        """Subscribe at QoS 1, remembering the filters for ``_on_central_subscribe``.
+
+        Called from the central network thread (on connect) and the main
+        thread (on reload); the lock keeps the SUBACK from being read before
+        its message id is stored.
+        """
+        with self._subscribing_lock:
+            result, mid = self.central.subscribe([(topic, 1) for topic in filters])
+            if result == mqtt.MQTT_ERR_SUCCESS:
+                self._subscribing[mid] = filters
+
+    def _on_central_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_codes: Any,
+                              _properties: Any) -> None:
+        """Say which filters the central broker refused (an ACL, usually) and what the proxy goes without."""
+        with self._subscribing_lock:
+            filters = self._subscribing.pop(mid, ())
+        granted = []
+        for topic, code in zip(filters, reason_codes, strict=False):
+            if code.is_failure:
+                log.error("the central broker refused the subscription to %s (%s): %s", topic, reason_text(code),
+                          self._without_subscription(topic))
+            else:
+                granted.append(topic)
+        if granted:
+            log.info("subscribed on the central broker to %s", ", ".join(granted))
+
+    def _without_subscription(self, topic: str) -> str:
+        """What the proxy cannot do without its subscription to ``topic``."""
+        if topic == self.availability_subscription:
+            return ("the meters' retained availability is not read back: meters online before a restart that "
+                    "stay silent are never marked offline")
+        if topic == self.discovery.status_topic:
+            return "Home Assistant's restarts go unnoticed: the discovery configs are not sent again when it is back"
+        return ("the retained discovery configs are not read back: those no longer wanted (meters excluded, "
+                "per-phase groups or bridge entities removed) stay in Home Assistant")
 
     def _on_central_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         """Retained availability, Home Assistant's status and the retained discovery configs: quick work only."""
@@ -807,6 +848,8 @@ class Proxy:
                                _properties: Any) -> None:
         self._central_connected = False
         self.outgoing.set_connected(False)
+        with self._subscribing_lock:
+            self._subscribing.clear()  # no SUBACK comes for those any more
         self.central_reporter.disconnected(reason_code, deliberate=self._closing, flags=flags)
         if self.outgoing.depth() and not self._closing:
             log.warning("%d messages queued until the central broker is back", self.outgoing.depth())

@@ -17,6 +17,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -589,6 +590,12 @@ class ConnectionReporter:
 def reason_text(reason_code: Any) -> str:
     """A reason code as words, whatever paho handed over."""
     return str(getattr(reason_code, "getName", lambda: reason_code)())
+
+
+def refused_filters(filters: Sequence[str], reason_codes: Sequence[Any]) -> tuple[str, ...]:
+    """``"<filter> (<reason>)"`` for each filter a SUBACK refused: its codes follow the filters' order."""
+    return tuple(f"{topic} ({reason_text(code)})" for topic, code in zip(filters, reason_codes, strict=False)
+                 if code.is_failure)
 
 
 def refusal(reason_code: Any) -> str | None:

@@ -308,6 +308,65 @@ def test_messages_larger_than_the_brokers_maximum_packet_size_are_dropped_counte
     assert proxy.terminate() == 0
 
 
+# --- subscriptions a broker refuses ---------------------------------------------------------------
+
+
+def dynsec_broker(cleanup: Cleanup, directory: Path, refused: str) -> Mosquitto:
+    """A central Mosquitto whose dynamic-security plugin refuses every subscription to ``refused``.
+
+    Mosquitto's plain ACL file grants any subscription and filters what it
+    delivers; the dynamic-security plugin (shipped with Debian's mosquitto)
+    refuses in the SUBACK, as brokers with subscription ACLs do.
+    """
+    plugins = sorted(Path("/usr/lib").glob("**/mosquitto_dynamic_security.so"))
+    assert plugins, "mosquitto's dynamic-security plugin is missing (Debian's mosquitto package ships it)"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "dynsec.json").write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True,
+                             "subscribe": True, "unsubscribe": True},
+        "clients": [],
+        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "limited"}]}],
+        "anonymousGroup": "anonymous",
+        "roles": [{"rolename": "limited",
+                   "acls": [{"acltype": "subscribePattern", "topic": refused, "priority": 0, "allow": False}]}],
+    }))
+    broker = Mosquitto(extra_config=f"plugin {plugins[0]}\nplugin_opt_config_file {directory / 'dynsec.json'}")
+    cleanup(broker.cleanup)
+    return broker.start()
+
+
+@pytest.mark.parametrize(("protocol", "reason"), [("5", "Not authorized"), ("3.1.1", "Unspecified error")])
+def test_a_central_subscription_the_broker_refuses_is_an_error_naming_it_and_what_goes_without_it(
+        tmp_path: Path, internal_broker: Mosquitto, cleanup: Cleanup, protocol: str, reason: str) -> None:
+    central = dynsec_broker(cleanup, tmp_path / "central", "kpm33b/+/availability")
+    observer = Collector(central.port, "kpm33b/#")
+    cleanup(observer.close)
+    document = config_dict(internal_broker.port, central.port)
+    document["central_broker"]["protocol"] = protocol
+    proxy = daemon(cleanup, PROXY, write_config(tmp_path, document))
+    wait_for(lambda: lines(proxy, "subscribed on the central broker") or not proxy.alive(), timeout=20)
+    (refused,) = lines(proxy, "the central broker refused the subscription", "ERROR")
+    print(f"\n[protocol {protocol}] proxy: {refused.split(': ', 1)[1]}")
+    assert f"kpm33b/+/availability ({reason})" in refused
+    assert "never marked offline" in refused
+    (granted,) = lines(proxy, "subscribed on the central broker", "INFO")
+    assert "homeassistant/status" in granted and "kpm33b/+/availability" not in granted
+    # The readings flow all the same.
+    send_readings(cleanup, internal_broker.port, ROUNDS)
+    wait_for(lambda: len(observer.on(f"kpm33b/{METER}/seconds")) == ROUNDS
+             and len(observer.on(f"kpm33b/{METER}/minutes")) == ROUNDS, timeout=20)
+    output = proxy.output()
+    assert "disconnected from the central broker" not in output and "Traceback" not in output
+    # The config sender's first filter is the same: it names it too.
+    sender = daemon(cleanup, SENDER, write_config(tmp_path, document))
+    wait_for(lambda: lines(sender, "refused the subscription") or not sender.alive(), timeout=20)
+    (refused,) = lines(sender, "the central broker refused the subscription", "ERROR")
+    print(f"[protocol {protocol}] config sender: {refused.split(': ', 1)[1]}")
+    assert refused.endswith(f"to the meter topics: kpm33b/+/availability ({reason})")
+    assert sender.terminate() == 0
+    assert proxy.terminate() == 0
+
+
 # --- honest diagnoses ------------------------------------------------------------------------------
 
 
