@@ -824,8 +824,9 @@ class Proxy:
     def _without_subscription(self, topic: str) -> str:
         """What the proxy cannot do without its subscription to ``topic``."""
         if topic == self.availability_subscription:
-            return ("the meters' retained availability is not read back: meters online before a restart that "
-                    "stay silent are never marked offline")
+            return ("the meters' retained availability is not read back: a meter the broker holds as online that "
+                    "the proxy's state does not know (a state directory lost) is never marked offline if it stays "
+                    "silent")
         if topic == self.discovery.status_topic:
             return "Home Assistant's restarts go unnoticed: the discovery configs are not sent again when it is back"
         return ("the retained discovery configs are not read back: those no longer wanted (meters excluded, "
