@@ -322,7 +322,7 @@ def dynsec_broker(cleanup: Cleanup, directory: Path, refused: str) -> Mosquitto:
     delivers; the dynamic-security plugin (shipped with Debian's mosquitto)
     refuses in the SUBACK, as brokers with subscription ACLs do.
     """
-    plugins = sorted(Path("/usr/lib").glob("**/mosquitto_dynamic_security.so"))
+    plugins = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))  # /usr/lib/<multiarch>/
     assert plugins, "mosquitto's dynamic-security plugin is missing (Debian's mosquitto package ships it)"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "dynsec.json").write_text(json.dumps({
