@@ -13,7 +13,8 @@ processes on free ports (never 1883/11883/11884):
   simplest paho forwarder: the ceiling) alternately, with proxy ÷ bare;
 - added latency at a steady 1,000 msg/s (``paced_publisher.py``), for the
   proxy, the bare forwarder and Mosquitto's own bridge;
-- the proxy's resident memory with 1, 1,000 and 100,000 distinct meters;
+- the proxy's resident memory with 1, 1,000 and 100,000 distinct meters, then
+  with each of the 100,000 heard again;
 - config_sender: 1,000 meters answering, 1,000 never answering, and the time
   from saving ``config.yaml`` to the first command;
 - with ``--stream``: the steady-stream throughput (a pre-generated load
@@ -678,6 +679,7 @@ class Memory:
     """The proxy's VmRSS after the given numbers of distinct meters."""
 
     rss_by_meters: dict[int, float]
+    heard_again_rss: float | None  # after a second reading from every meter of the last step
     idle_rss: float
     peak_rss: float
     seconds_by_meters: dict[int, float]  # how long each step took to be forwarded
@@ -707,10 +709,14 @@ def run_memory(steps: list[int], chunk: int, workdir: Path) -> Memory:
 
     New meters arrive in chunks of ``chunk``, each forwarded completely before
     the next (a fleet coming online, not one burst that would overflow the
-    proxy's outgoing queue: see the README).
+    proxy's outgoing queue: see the README). Then every meter sends a second
+    reading, as a fleet does each minute: the RSS of a fleet in service, which
+    the first readings alone do not show (the proxy's per-meter tables, kept
+    in the order the meters were last heard, grow as they are reordered).
     """
     run = setup(PROXY, workdir)
     rss: dict[int, float] = {}
+    heard_again: float | None = None
     seconds: dict[int, float] = {}
     drops: list[str] = []
     try:
@@ -733,11 +739,21 @@ def run_memory(steps: list[int], chunk: int, workdir: Path) -> Memory:
                 seconds[total] = time.monotonic() - started
                 time.sleep(1.5)  # settle: last acknowledgements, a tick, a stats message
                 rss[total] = rss_mb(pid)
+            again = 0
+            while again < known:
+                size = min(chunk, known - again)
+                readings = LoadBuilder(bench_meter_ids(size, first=again)).rounds(1, 1, (ENY_NOW,))
+                files = write_publisher_files(readings, workdir / "load", 1, f"memory-again-{again}")
+                publish_files(run.internal.port, files, 1)
+                again += size
+                peak = max(peak, _wait_forwarded(run, known + again))
+            time.sleep(1.5)
+            heard_again = rss_mb(pid)
         except BenchError as error:  # what was measured before still counts
             drops.append(f"{error} (after {known:,} meters were fed)")
         drops += [f"proxy dropped {reason}: {n}" for reason, n in run.monitor.stats.get("dropped", {}).items()]
-        return Memory(rss, idle, max(peak, *rss.values(), idle), seconds, drops + run.broker_drops(),
-                      foreign.percent())
+        return Memory(rss, heard_again, idle, max(peak, *rss.values(), heard_again or 0.0, idle), seconds,
+                      drops + run.broker_drops(), foreign.percent())
     finally:
         run.close()
 
@@ -842,12 +858,16 @@ def result_rows(results: list[Throughput], latencies: list[Latency], memory: Mem
         rows.append(("proxy RSS, 100,000 distinct meters", "not measured", f"≤ {MEMORY_TARGET_MB} MB", ""))
     else:
         rows.append(("proxy RSS, started, no meter", f"{memory.idle_rss:.1f} MB", "", ""))
+        # The target is judged in service (every meter heard again), not on the first readings alone.
         for meters, mb in memory.rss_by_meters.items():
+            rows.append((f"proxy RSS, {meters:,} distinct meter{'s' if meters > 1 else ''}", f"{mb:.1f} MB", "", ""))
+        if memory.heard_again_rss is not None:
+            meters = max(memory.rss_by_meters)
             target = meters == 100_000
-            name = f"proxy RSS, {meters:,} distinct meter{'s' if meters > 1 else ''}"
-            rows.append((name, f"{mb:.1f} MB{busy(memory.foreign) if target else ''}",
+            rows.append((f"proxy RSS, {meters:,} meters, each heard again",
+                         f"{memory.heard_again_rss:.1f} MB{busy(memory.foreign)}",
                          f"≤ {MEMORY_TARGET_MB} MB" if target else "",
-                         verdict(mb <= MEMORY_TARGET_MB) if target else ""))
+                         verdict(memory.heard_again_rss <= MEMORY_TARGET_MB) if target else ""))
         if memory.drops:
             rows.append(("proxy RSS, the rest of the memory run", "not measured: " + memory.drops[0][:90],
                          f"≤ {MEMORY_TARGET_MB} MB", "**NO**"))
@@ -1160,6 +1180,8 @@ def main(argv: list[str] | None = None) -> int:
             memory = step("memory", lambda: run_memory(steps, MEMORY_CHUNK, workdir / "memory"))
         if memory is not None:
             steps_text = ", ".join(f"{meters:,} meters {mb:.1f} MB" for meters, mb in memory.rss_by_meters.items())
+            if memory.heard_again_rss is not None:
+                steps_text += f", each heard again {memory.heard_again_rss:.1f} MB"
             print(f"  memory: started {memory.idle_rss:.1f} MB, {steps_text}; peak {memory.peak_rss:.1f} MB; "
                   f"other load {memory.foreign:.0f} %", flush=True)
             if memory.drops:
