@@ -9,9 +9,13 @@ Three measurements, no broker involved:
    availability, Home Assistant discovery, the outgoing queue, the counters
    and the energy journal), fed raw messages as paho hands them over, the
    queue emptied by the benchmark between batches;
-3. the per-tick work with 100,000 meters online (``MeterAvailability.went_offline``).
+3. the per-tick work with 100,000 meters online, and with 100,000 offline
+   (``MeterAvailability.went_offline``), and the device list of 10,000 meters
+   (``health.device_list_max_meters``' default): built in Python, which the
+   interpreter interrupts every few ms for the network threads, then encoded
+   in one C call, which it does not.
 
-Each prints the time per message and cProfile's top functions by own time.
+The first two print the time per message and cProfile's top functions by own time.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from payloads import RT_DATA, LoadBuilder, bench_meter_ids  # noqa: E402
 import config_loader  # noqa: E402
 import kpm33b_proxy  # noqa: E402
 from data_mapping import MeterDataProcessor, encode_payload  # noqa: E402
+from fleet import device_list, encode_device_list  # noqa: E402
 from topics import MINUTES, SECONDS  # noqa: E402
 
 
@@ -123,6 +128,21 @@ def profile_tick(meters: int) -> None:
         elapsed = time.perf_counter() - started
         print(f"\n== 3. MeterAvailability.went_offline with {meters} meters online: {elapsed * 1e3:.1f} ms per "
               f"tick (every {kpm33b_proxy.TICK_SECONDS} s, holding the GIL and the availability lock)")
+        later = now + 10_000
+        proxy.availability.went_offline(later)  # every meter silent for longer than its limit: now offline
+        started = time.perf_counter()
+        proxy.availability.went_offline(later + 1)
+        elapsed = time.perf_counter() - started
+        print(f"   with the {meters} meters offline: {elapsed * 1e3:.1f} ms per tick")
+        listed = proxy.config.health.device_list_max_meters
+        known = [(meter_id, time.time(), True) for meter_id in bench_meter_ids(listed)]
+        started = time.perf_counter()
+        entries = device_list(known, proxy.config.meters)
+        built = time.perf_counter()
+        payload = encode_device_list(entries)
+        encoded = time.perf_counter()
+        print(f"   device list of {listed:,} meters ({len(payload):,} bytes): built in {(built - started) * 1e3:.1f} "
+              f"ms, encoded in {(encoded - built) * 1e3:.1f} ms (one call: the network threads wait that long)")
         proxy.journal.close()
 
 
