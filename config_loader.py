@@ -325,18 +325,33 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or value != value.strip():
-        raise _Invalid("a non-empty string without surrounding spaces")
+def _unicode(value: str, expected: str) -> str:
+    """``value`` if UTF-8 can carry it (MQTT's strings are UTF-8), else the problem.
+
+    YAML's ``"\\uD800"`` escapes give a lone surrogate, which it cannot: a
+    name, topic or user name with one would fail each time it is sent.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid(f"{expected} (valid Unicode: no lone surrogate)") from None
     return value
+
+
+def _text(value: Any) -> str:
+    expected = "a non-empty string without surrounding spaces"
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        raise _Invalid(expected)
+    return _unicode(value, expected)
 
 
 def _optional_text(value: Any) -> str | None:
     if value is None:
         return None
+    expected = "a non-empty string or null"
     if not isinstance(value, str) or not value:
-        raise _Invalid("a non-empty string or null")
-    return value
+        raise _Invalid(expected)
+    return _unicode(value, expected)
 
 
 def _protocol(value: Any) -> str:
@@ -356,14 +371,15 @@ def _host(value: Any) -> str:
 
 def _topic_prefix(value: Any) -> str:
     """A topic or topic prefix we publish to or subscribe to: no wildcards."""
+    expected = "a non-empty topic without '+', '#' or surrounding spaces"
     if (
         not isinstance(value, str)
         or not value
         or any(c in value for c in "+#\0")
         or value != value.strip()
     ):
-        raise _Invalid("a non-empty topic without '+', '#' or surrounding spaces")
-    return value
+        raise _Invalid(expected)
+    return _unicode(value, expected)
 
 
 def _main_topic(value: Any) -> str:
@@ -394,9 +410,10 @@ def _per_phase(value: Any) -> tuple[str, ...]:
 def _url(value: Any) -> str | None:
     if value is None:
         return None
+    expected = "an http:// or https:// URL, or null"
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+\S*", value):
-        raise _Invalid("an http:// or https:// URL, or null")
-    return value
+        raise _Invalid(expected)
+    return _unicode(value, expected)
 
 
 def _read_homeassistant(section: _Section) -> HomeAssistantSettings:

@@ -295,6 +295,25 @@ def test_per_device_overrides_are_validated_like_the_defaults() -> None:
     ]
 
 
+def test_text_that_is_not_valid_unicode_is_a_problem_not_a_crash_when_it_is_sent() -> None:
+    # YAML's "\uD800" is a lone surrogate, which UTF-8 (and so MQTT) cannot carry: a device name or a
+    # user name with one would fail each time it is sent, not once when the file is read.
+    assert problems(f"""
+        central_broker: {{username: "ha\\uDC00"}}
+        homeassistant: {{discovery_prefix: "home\\uDC00"}}
+        meters:
+          devices:
+            "{METER}": {{name: "Heat\\uD800pump"}}
+    """) == [
+        "central_broker.username: 'ha\\udc00' is not allowed; expected a non-empty string or null "
+        "(valid Unicode: no lone surrogate)",
+        f"meters.devices.{METER}.name: 'Heat\\ud800pump' is not allowed; expected a non-empty string without "
+        "surrounding spaces (valid Unicode: no lone surrogate)",
+        "homeassistant.discovery_prefix: 'home\\udc00' is not allowed; expected a non-empty topic without '+', "
+        "'#' or surrounding spaces (valid Unicode: no lone surrogate)",
+    ]
+
+
 @pytest.mark.parametrize(("key", "shown"), [('"33B12259500/7"', "'33B12259500/7'"), ("heatpump", "'heatpump'"),
                                             ('"33B122595002"', "'33B122595002'"),
                                             ('"33B12259500270"', "'33B12259500270'"),
