@@ -11,9 +11,11 @@ retained messages per meter otherwise needed. Time comes in as arguments
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from config_loader import MeterSettings
 from ha_discovery import MODEL
@@ -21,8 +23,12 @@ from topics import OFFLINE, ONLINE, is_valid_meter_id
 
 
 def iso_utc(wall_seconds: float) -> str:
-    """Seconds since the epoch → ``2026-01-12T16:39:00Z`` (UTC, whole seconds)."""
-    return datetime.fromtimestamp(round(wall_seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Seconds since the epoch → ``2026-01-12T16:39:00Z`` (UTC, whole seconds).
+
+    ``time.gmtime``, not ``datetime``: a device list of 10,000 meters formats
+    10,000 of these, and this takes a third of the time.
+    """
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(round(wall_seconds)))
 
 
 def device_entry(meter_id: str, online: bool, last_seen: float, meters: MeterSettings) -> dict[str, Any]:
@@ -48,8 +54,13 @@ def device_list(known: Iterable[tuple[str, float, bool]], meters: MeterSettings)
 
 
 def encode_device_list(entries: list[dict[str, Any]]) -> bytes:
-    """The device list as published: compact JSON, names kept readable."""
-    return json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode()
+    """The device list as published: compact JSON, names kept readable.
+
+    orjson writes the same bytes as the json module would, in a twentieth of
+    the time: one C call that the network threads must wait for (18 ms with
+    json for 10,000 meters, ``bench/profile_proxy.py``).
+    """
+    return orjson.dumps(entries)
 
 
 def parse_device_list(payload: bytes) -> tuple[list[tuple[str, str]], int]:

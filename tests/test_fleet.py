@@ -55,6 +55,17 @@ def test_the_encoded_list_is_compact_json_of_about_200_bytes_per_meter() -> None
     assert 150 * 100 < len(encoded) < 200 * 100
 
 
+def test_the_encoded_list_is_the_compact_json_of_its_entries_with_names_kept_readable() -> None:
+    name = "Küche – Wärmepumpe \"WP 2\"\t⚡"
+    settings = MeterSettings(devices=MappingProxyType({METER: DeviceSettings(name=name)}))
+    entries = device_list([(METER, WALL, True), (OTHER, WALL + 0.5, False)], settings)
+
+    encoded = encode_device_list(entries)
+
+    assert encoded == json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode()
+    assert "Küche – Wärmepumpe".encode() in encoded and b"\\u" not in encoded
+
+
 def test_parse_device_list_reads_what_the_builder_writes() -> None:
     encoded = encode_device_list(device_list([(METER, WALL, True), (OTHER, WALL, False)], MeterSettings()))
 
