@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from types import FrameType
+
 from availability import MeterAvailability, silence_limit
 
 FAST, SLOW = "33B0000000001", "33B0000000002"
@@ -152,3 +156,59 @@ def test_the_online_count_follows_comings_goings_restores_forgetting_and_the_bou
     assert availability.online_count() == 1
     availability.seen("33B0000000003", 80.0)
     assert availability.online_count() == len(availability.online()) == 2
+
+
+def lines_run(call: Callable[[], object], function: Callable[..., object]) -> int:
+    """How many lines of ``function`` ran during ``call()``: its work, counted without a clock."""
+    code = getattr(function, "__code__", None) or function.__func__.__code__  # type: ignore[attr-defined]
+    count = 0
+
+    def local(frame: FrameType, event: str, _arg: object) -> Callable[..., object]:
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def tracer(frame: FrameType, _event: str, _arg: object) -> Callable[..., object] | None:
+        return local if frame.f_code is code else None
+
+    sys.settrace(tracer)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def test_the_silence_check_does_not_walk_the_meters_already_offline() -> None:
+    # A large fleet mostly silent (a site's network down): the check runs twice a second with the lock held.
+    availability = tracker()
+    silent = [f"33B9{n:09d}" for n in range(1000)]
+    for meter_id in silent:
+        availability.seen(meter_id, 0.0)
+    availability.seen(SLOW, 150.0)
+    assert availability.went_offline(151.0) == silent
+
+    work = lines_run(lambda: availability.went_offline(152.0), MeterAvailability.went_offline)
+
+    assert work < 50, work  # a walk of the 1,000 offline meters would be thousands of lines
+    assert availability.online() == [SLOW]
+    assert availability.went_offline(301.0) == [SLOW]
+
+
+def test_a_meter_restored_online_after_it_went_offline_is_checked_at_once_wherever_it_sits() -> None:
+    # The broker's retained "online" for a meter the proxy's own state has offline: consumers were told
+    # online, so it must go offline again at the next check, though it now sits after meters heard since.
+    availability = tracker()
+    availability.seen(FAST, 0.0)
+    availability.seen(SLOW, 0.0)
+    assert availability.went_offline(76.0) == [FAST]
+    availability.seen(SLOW, 100.0)
+
+    availability.restore(FAST, 0.0, online=True)
+
+    assert availability.online() == [FAST, SLOW]
+    assert availability.went_offline(101.0) == [FAST]
+    assert availability.went_offline(102.0) == []
+    assert availability.seen(FAST, 103.0) is True
+    assert availability.went_offline(251.0) == [FAST, SLOW]
