@@ -48,6 +48,8 @@ class MeterAvailability:
         """Record a packet from ``meter_id``; True when it just came online."""
         with self._lock:
             came_back = self._offline.pop(meter_id, None) is not None
+            if came_back and not self._offline:
+                self._offline = {}  # the last one back: a dict emptied key by key keeps its largest table
             known = came_back or self._online.pop(meter_id, None) is not None
             self._online[meter_id] = now  # re-inserted: the dict stays ordered by last seen
             if self._unordered:
