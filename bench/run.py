@@ -729,33 +729,36 @@ def run_memory(steps: list[int], chunk: int, workdir: Path) -> Memory:
         try:
             for total in steps:
                 started = time.monotonic()
-                while known < total:
-                    size = min(chunk, total - known)
-                    readings = LoadBuilder(bench_meter_ids(size, first=known)).rounds(0, 1, (ENY_NOW,))
-                    files = write_publisher_files(readings, workdir / "load", 1, f"memory-{known}")
-                    publish_files(run.internal.port, files, 1)
-                    known += size
-                    peak = max(peak, _wait_forwarded(run, known))
+                peak = max(peak, _feed_meters(run, workdir, known, total, chunk, reading=0, forwarded=known))
+                known = total
                 seconds[total] = time.monotonic() - started
                 time.sleep(1.5)  # settle: last acknowledgements, a tick, a stats message
                 rss[total] = rss_mb(pid)
-            again = 0
-            while again < known:
-                size = min(chunk, known - again)
-                readings = LoadBuilder(bench_meter_ids(size, first=again)).rounds(1, 1, (ENY_NOW,))
-                files = write_publisher_files(readings, workdir / "load", 1, f"memory-again-{again}")
-                publish_files(run.internal.port, files, 1)
-                again += size
-                peak = max(peak, _wait_forwarded(run, known + again))
+            peak = max(peak, _feed_meters(run, workdir, 0, known, chunk, reading=1, forwarded=known))
             time.sleep(1.5)
             heard_again = rss_mb(pid)
         except BenchError as error:  # what was measured before still counts
-            drops.append(f"{error} (after {known:,} meters were fed)")
+            drops.append(f"{error} (after the readings of the first {known:,} meters were forwarded)")
         drops += [f"proxy dropped {reason}: {n}" for reason, n in run.monitor.stats.get("dropped", {}).items()]
         return Memory(rss, heard_again, idle, max(peak, *rss.values(), heard_again or 0.0, idle), seconds,
                       drops + run.broker_drops(), foreign.percent())
     finally:
         run.close()
+
+
+def _feed_meters(run: Setup, workdir: Path, first: int, end: int, chunk: int, *, reading: int,
+                 forwarded: int) -> float:
+    """The ``reading``-th ENY_NOW reading of meters ``first`` … ``end - 1``, in chunks each forwarded before
+    the next (the proxy had ``forwarded`` readings before); the peak RSS meanwhile."""
+    peak = 0.0
+    for start in range(first, end, chunk):
+        size = min(chunk, end - start)
+        readings = LoadBuilder(bench_meter_ids(size, first=start)).rounds(reading, 1, (ENY_NOW,))
+        files = write_publisher_files(readings, workdir / "load", 1, f"memory-{reading}-{start}")
+        publish_files(run.internal.port, files, 1)
+        forwarded += size
+        peak = max(peak, _wait_forwarded(run, forwarded))
+    return peak
 
 
 def _wait_forwarded(run: Setup, total: int, stall: float = 30.0) -> float:
