@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, TextIO
 
+from meter_table import MeterTable
 from topics import is_valid_meter_id
 
 JOURNAL_NAME = "energy.journal"
@@ -191,7 +192,7 @@ class EnergyJournal:
         self._clock = clock
         self._lock_file: TextIO | None = None
         self._fd: int | None = None  # the journal, opened for appending
-        self._floors: dict[str, Floor] = {}  # acknowledged, least recently recorded first
+        self._floors = _floor_table()  # acknowledged, least recently recorded first
         self._pending: list[str] = []  # lines recorded since the last flush
         self._lines = 0  # lines in the file (as far as written)
         self._meters = 0  # meters at the last compaction
@@ -216,12 +217,13 @@ class EnergyJournal:
             floors = self._read().floors
             while len(floors) > self.max_meters:
                 del floors[next(iter(floors))]
-            self._floors = floors
+            self._floors = _floor_table(floors)
+            del floors
             self._rewrite()
         except OSError as error:
             self.close()
             raise StateUnusable(f"cannot use the state directory {self.directory}: {_describe(error)}") from None
-        return dict(self._floors)
+        return self.floors()
 
     def _lock(self) -> None:
         if self.directory.exists() and not self.directory.is_dir():
@@ -279,10 +281,15 @@ class EnergyJournal:
     def record(self, meter_id: str, energy: float, meter_time: str) -> None:
         """Note the energy of a reading the central broker acknowledged (written by ``flush``)."""
         floors = self._floors
-        floors.pop(meter_id, None)  # moved to the most recently recorded end
-        floor = floors[meter_id] = Floor(float(energy), meter_time)
+        slot = floors.find(meter_id)
+        if slot < 0:
+            slot = floors.add(meter_id)
+        else:
+            floors.touch(slot)  # moved to the most recently recorded end
+        floor = Floor(float(energy), meter_time)
+        _put_floor(floors, slot, floor)
         if len(floors) > self.max_meters:
-            del floors[next(iter(floors))]
+            floors.remove(floors.oldest())
         if self._fd is not None and not self._failing:
             self._pending.append(format_line(meter_id, floor))
 
@@ -333,7 +340,7 @@ class EnergyJournal:
         """Write the floors to a temporary file, make it durable, and put it in place of the journal."""
         self._pending.clear()  # the floors include every line recorded so far
         temporary = self.path.with_suffix(".tmp")
-        data = "".join(format_line(meter_id, floor) for meter_id, floor in self._floors.items()).encode("ascii")
+        data = "".join(format_line(meter_id, floor) for meter_id, floor in _floor_items(self._floors)).encode("ascii")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -369,8 +376,8 @@ class EnergyJournal:
             self._failures_unreported = 0
 
     def floors(self) -> dict[str, Floor]:
-        """A copy of the acknowledged floors (what the next rewrite writes)."""
-        return dict(self._floors)
+        """A copy of the acknowledged floors (what the next rewrite writes), least recently recorded first."""
+        return dict(_floor_items(self._floors))
 
     def close(self) -> None:
         """Write what is recorded (one last attempt when failing), close the journal, release the lock."""
@@ -393,6 +400,34 @@ class EnergyJournal:
             fd, self._fd = self._fd, None
             with contextlib.suppress(OSError):  # nothing is buffered here: os.write handed every byte over
                 os.close(fd)
+
+
+# The floors of a large fleet, compact (see meter_table): the energy, and the meter time as the number its
+# 14 digits spell (they compare and print the same), ``_NO_TIME`` for a floor of the older format without one.
+_NO_TIME = -1
+
+
+def _floor_table(floors: dict[str, Floor] | None = None) -> MeterTable:
+    """A table of floors, filled with ``floors`` in their order."""
+    table = MeterTable({"energy": "d", "time": "q"}, defaults={"time": _NO_TIME})
+    for meter_id, floor in (floors or {}).items():
+        _put_floor(table, table.add(meter_id), floor)
+    return table
+
+
+def _put_floor(table: MeterTable, slot: int, floor: Floor) -> None:
+    if floor.meter_time is not None and not is_meter_time(floor.meter_time):
+        raise ValueError(f"not a meter time: {floor.meter_time!r}")
+    table.column("energy")[slot] = floor.energy
+    table.column("time")[slot] = _NO_TIME if floor.meter_time is None else int(floor.meter_time)
+
+
+def _floor_items(table: MeterTable) -> Iterator[tuple[str, Floor]]:
+    """(meter id, floor) of every meter, least recently recorded first."""
+    energies, times = table.column("energy"), table.column("time")
+    for slot in table.slots():
+        time_number = times[slot]
+        yield table.meter_id(slot), Floor(energies[slot], None if time_number == _NO_TIME else f"{time_number:014d}")
 
 
 def _describe(error: OSError) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,30 @@ def test_the_journal_keeps_at_most_max_meters_the_least_recently_recorded_go_fir
     journal.close()
     assert EnergyJournal(tmp_path).open() == {METER: Floor(1.5, "20260117213000"),
                                               "33B1225950029": Floor(3.0, "20260117211500")}
+
+
+def test_a_fleet_in_service_holds_bytes_per_meter_not_a_dict_entry_and_a_tuple(tmp_path: Path) -> None:
+    """20,000 meters each recorded twice, as a fleet in service is: under 70 bytes per meter held (58 measured).
+
+    Kept in a dict of ``Floor`` tuples moved to the end at each record, they
+    held 136 bytes per meter: a tuple and a float each, and a dict table
+    grown by the moves.
+    """
+    meters = [f"33B{number:010d}" for number in range(20_000)]
+    journal = EnergyJournal(tmp_path, compact_after=10**9)
+    journal.open()
+    tracemalloc.start()
+    try:
+        for meter_time in ("20260117211500", "20260117213000"):
+            for number, meter_id in enumerate(meters):
+                journal.record(meter_id, 1000.0 + number + int(meter_time[-4:]) / 10_000, meter_time)
+            journal.flush()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        journal.close()
+    assert journal.floors()[meters[7]] == Floor(1007.3, "20260117213000")
+    assert held / len(meters) < 70
 
 
 def test_a_second_journal_on_the_same_directory_is_refused(tmp_path: Path) -> None:

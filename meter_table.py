@@ -1,0 +1,237 @@
+"""A compact table of meters: per-meter state in arrays, not in a Python object per meter.
+
+Why: a site may have 100,000 meters. Kept in a dict, each meter costs its
+key's share of the dict's table (38 bytes, twice that once entries are moved
+to the end, as least-recently-used orders do) and at least one object per
+value (a float is 24 bytes, a tuple 56, a slotted record 80), scattered
+among the short-lived objects of the traffic, where they keep the
+allocator's pools from being given back. Here a meter is 13 bytes of id, a
+few bytes of hash index and of list links, and its columns: 8 bytes for a
+float or an integer.
+
+The ids are meter ids as validated at the edge (``topics.is_valid_meter_id``):
+13 ASCII letters and digits. A meter has a *slot*, a small integer that
+indexes every array; slots are renumbered when the table grows or shrinks,
+so a slot is valid only until the next ``add`` or ``remove``.
+
+Meters are kept in ordered lists (``lists`` of them, oldest first): a meter
+is in exactly one. ``touch`` moves it to the young end of a list, in
+constant time and without growing anything (a dict grows when an entry is
+taken out and put back).
+
+Not thread-safe: its owner serialises access.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Mapping
+
+ID_LENGTH = 13
+_NONE = -1  # no slot: an empty index cell, the end of a list
+_SMALLEST = 16  # slots allocated at least
+
+
+class MeterTable:
+    """Meter ids ↔ slots, in ``lists`` ordered lists, with typed columns (``array`` typecode per name).
+
+    ``defaults`` gives each column's value for a new meter (0 unless given).
+    The columns are ``array`` objects reached with ``column(name)``, as long
+    as the table's capacity (not its length); like a slot, a column is valid
+    until the next ``add`` or ``remove``, which may replace it.
+    """
+
+    def __init__(self, columns: Mapping[str, str] | None = None, defaults: Mapping[str, float] | None = None,
+                 lists: int = 1) -> None:
+        self._types = dict(columns or {})
+        self._defaults = {name: (defaults or {}).get(name, 0) for name in self._types}
+        self._heads = [_NONE] * lists
+        self._tails = [_NONE] * lists
+        self._counts = [0] * lists
+        self._allocate(_SMALLEST)
+
+    def _allocate(self, capacity: int) -> None:
+        """Empty arrays for ``capacity`` slots (the columns are replaced: only for a new or rebuilt table)."""
+        self._capacity = capacity
+        self._ids = bytearray(capacity * ID_LENGTH)
+        self._prev = array("i", [_NONE]) * capacity
+        self._next = array("i", [_NONE]) * capacity
+        self._list = array("b", [0]) * capacity
+        size = 1 << (2 * capacity - 1).bit_length()  # at least twice the capacity: probes stay short
+        self._index = array("i", [_NONE]) * size
+        self._mask = size - 1
+        self._used = 0  # slots handed out so far; the rest are free (or on the free chain)
+        self._free = _NONE  # chain of removed slots, through ``_next``
+        self._columns = {name: array(kind, [self._defaults[name]]) * capacity for name, kind in self._types.items()}
+        self._heads[:] = [_NONE] * len(self._heads)
+        self._tails[:] = [_NONE] * len(self._tails)
+        self._counts[:] = [0] * len(self._counts)
+
+    # --- looking up -----------------------------------------------------------------
+
+    def find(self, meter_id: str) -> int:
+        """The meter's slot, or -1 when it is not in the table."""
+        key = meter_id.encode("ascii")
+        ids, index, mask = self._ids, self._index, self._mask
+        cell = hash(meter_id) & mask
+        while True:
+            slot = index[cell]
+            if slot == _NONE:
+                return _NONE
+            start = slot * ID_LENGTH
+            if ids[start:start + ID_LENGTH] == key:
+                return slot
+            cell = (cell + 1) & mask
+
+    def __contains__(self, meter_id: str) -> bool:
+        return self.find(meter_id) != _NONE
+
+    def meter_id(self, slot: int) -> str:
+        """The id of the meter in ``slot``."""
+        start = slot * ID_LENGTH
+        return self._ids[start:start + ID_LENGTH].decode("ascii")
+
+    def column(self, name: str) -> array:
+        """The array of one column, indexed by slot."""
+        return self._columns[name]
+
+    def list_of(self, slot: int) -> int:
+        """Which list the meter in ``slot`` is in."""
+        return self._list[slot]
+
+    def __len__(self) -> int:
+        return sum(self._counts)
+
+    def count(self, which: int = 0) -> int:
+        """How many meters list ``which`` holds."""
+        return self._counts[which]
+
+    def oldest(self, which: int = 0) -> int:
+        """The slot at the old end of a list, or -1 when it is empty."""
+        return self._heads[which]
+
+    def following(self, slot: int) -> int:
+        """The slot after ``slot`` in its list (younger), or -1 at the young end."""
+        return self._next[slot]
+
+    def slots(self, which: int = 0) -> Iterator[int]:
+        """The slots of a list, oldest first (the table must not change meanwhile)."""
+        slot, following = self._heads[which], self._next
+        while slot != _NONE:
+            yield slot
+            slot = following[slot]
+
+    def meter_ids(self, which: int = 0) -> list[str]:
+        """The ids of a list, oldest first."""
+        return [self.meter_id(slot) for slot in self.slots(which)]
+
+    # --- changing -------------------------------------------------------------------
+
+    def add(self, meter_id: str, which: int = 0) -> int:
+        """Put a meter that is not in the table at the young end of a list; its slot (columns at their defaults).
+
+        Raises ValueError for an id that is not 13 ASCII characters.
+        """
+        key = meter_id.encode("ascii") if meter_id.isascii() else b""
+        if len(key) != ID_LENGTH:
+            raise ValueError(f"not a meter id: {meter_id!r}")
+        if self._free == _NONE and self._used == self._capacity:
+            self._rebuild(self._capacity + self._capacity // 2)  # half as large again: little room left unused
+        if self._free != _NONE:
+            slot = self._free
+            self._free = self._next[slot]
+        else:
+            slot = self._used
+            self._used += 1
+        start = slot * ID_LENGTH
+        self._ids[start:start + ID_LENGTH] = key
+        for name, values in self._columns.items():
+            values[slot] = self._defaults[name]
+        self._link(slot, which)
+        index, mask = self._index, self._mask
+        cell = hash(meter_id) & mask
+        while index[cell] != _NONE:
+            cell = (cell + 1) & mask
+        index[cell] = slot
+        return slot
+
+    def touch(self, slot: int, which: int = 0) -> None:
+        """Move a meter to the young end of list ``which`` (from wherever it is)."""
+        if self._tails[which] == slot:
+            return
+        self._unlink(slot)
+        self._link(slot, which)
+
+    def remove(self, slot: int) -> None:
+        """Take a meter out of the table."""
+        self._unlink(slot)
+        self._unindex(slot)
+        self._next[slot] = self._free
+        self._free = slot
+        if not len(self):
+            self._allocate(_SMALLEST)  # all gone: give the memory back at once
+        elif self._capacity > _SMALLEST and len(self) < self._capacity // 4:
+            self._rebuild(self._capacity // 2)
+
+    def clear(self) -> None:
+        """Forget every meter."""
+        self._allocate(_SMALLEST)
+
+    # --- inside ---------------------------------------------------------------------
+
+    def _link(self, slot: int, which: int) -> None:
+        tail = self._tails[which]
+        self._prev[slot] = tail
+        self._next[slot] = _NONE
+        if tail == _NONE:
+            self._heads[which] = slot
+        else:
+            self._next[tail] = slot
+        self._tails[which] = slot
+        self._list[slot] = which
+        self._counts[which] += 1
+
+    def _unlink(self, slot: int) -> None:
+        which = self._list[slot]
+        before, after = self._prev[slot], self._next[slot]
+        if before == _NONE:
+            self._heads[which] = after
+        else:
+            self._next[before] = after
+        if after == _NONE:
+            self._tails[which] = before
+        else:
+            self._prev[after] = before
+        self._counts[which] -= 1
+
+    def _unindex(self, slot: int) -> None:
+        """Remove a slot from the hash index, shifting back the cells after it (linear probing)."""
+        index, mask = self._index, self._mask
+        cell = hash(self.meter_id(slot)) & mask
+        while index[cell] != slot:
+            cell = (cell + 1) & mask
+        hole = cell
+        cell = (cell + 1) & mask
+        while (other := index[cell]) != _NONE:
+            home = hash(self.meter_id(other)) & mask
+            # ``other`` may fill the hole when its home cell is not in (hole, cell] (cyclically).
+            if (cell - home) & mask >= (cell - hole) & mask:
+                index[hole] = other
+                hole = cell
+            cell = (cell + 1) & mask
+        index[hole] = _NONE
+
+    def _rebuild(self, capacity: int) -> None:
+        """Move every meter to a table of ``capacity`` slots, the lists' orders kept (slots renumbered)."""
+        old_ids, old_next, old_columns = self._ids, self._next, self._columns
+        heads = list(self._heads)
+        columns = list(old_columns.items())
+        self._allocate(capacity)
+        for which, head in enumerate(heads):
+            old = head
+            while old != _NONE:
+                start = old * ID_LENGTH
+                slot = self.add(old_ids[start:start + ID_LENGTH].decode("ascii"), which)
+                for name, values in columns:
+                    self._columns[name][slot] = values[old]
+                old = old_next[old]

@@ -1,0 +1,113 @@
+"""The compact meter table: checked against a plain model (dicts and lists) under random operations."""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+
+import pytest
+
+from meter_table import MeterTable
+
+
+def meter(number: int) -> str:
+    return f"33B{number:010d}"
+
+
+class Model:
+    """What the table must behave like: ordered lists of meter ids and their column values."""
+
+    def __init__(self, lists: int) -> None:
+        self.lists: list[list[str]] = [[] for _ in range(lists)]
+        self.values: dict[str, tuple[float, int]] = {}
+
+    def which(self, meter_id: str) -> int:
+        return next(number for number, ids in enumerate(self.lists) if meter_id in ids)
+
+
+def check(table: MeterTable, model: Model) -> None:
+    assert len(table) == len(model.values)
+    for which, ids in enumerate(model.lists):
+        assert table.meter_ids(which) == ids
+        assert table.count(which) == len(ids)
+    for meter_id, (energy, time) in model.values.items():
+        slot = table.find(meter_id)
+        assert slot >= 0 and table.meter_id(slot) == meter_id
+        assert (table.column("energy")[slot], table.column("time")[slot]) == (energy, time)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_adds_touches_and_removes_keep_ids_order_and_columns(seed: int) -> None:
+    rng = random.Random(seed)
+    table = MeterTable({"energy": "d", "time": "q"}, defaults={"energy": float("nan")}, lists=2)
+    model = Model(2)
+    population = [meter(rng.randrange(10**10)) for _ in range(600)]
+    for step in range(6000):
+        meter_id = rng.choice(population)
+        action = rng.random()
+        slot = table.find(meter_id)
+        if meter_id not in model.values:
+            assert slot == -1 and meter_id not in table
+            if action < 0.7:
+                which = rng.randrange(2)
+                slot = table.add(meter_id, which)
+                assert table.column("time")[slot] == 0 and table.column("energy")[slot] != table.column("energy")[slot]
+                table.column("energy")[slot], table.column("time")[slot] = step / 4, step
+                model.lists[which].append(meter_id)
+                model.values[meter_id] = (step / 4, step)
+        elif action < 0.5:
+            which = rng.randrange(2)
+            table.touch(slot, which)
+            assert table.list_of(slot) == which
+            model.lists[model.which(meter_id)].remove(meter_id)
+            model.lists[which].append(meter_id)
+        else:
+            table.remove(slot)
+            model.lists[model.which(meter_id)].remove(meter_id)
+            del model.values[meter_id]
+        if step % 97 == 0:
+            check(table, model)
+    check(table, model)
+
+
+def test_growing_to_many_meters_and_emptying_again() -> None:
+    table = MeterTable({"seen": "d"})
+    ids = [meter(number * 7919) for number in range(5000)]
+    for number, meter_id in enumerate(ids):
+        slot = table.add(meter_id)  # before ``column``: an add may replace the arrays
+        table.column("seen")[slot] = number
+    assert table.meter_ids() == ids
+    assert [table.column("seen")[table.find(meter_id)] for meter_id in ids] == list(range(5000))
+    for meter_id in ids[:4990]:
+        table.remove(table.find(meter_id))
+    assert table.meter_ids() == ids[4990:]
+    assert [table.column("seen")[table.find(meter_id)] for meter_id in ids[4990:]] == list(range(4990, 5000))
+    while table.oldest() != -1:
+        table.remove(table.oldest())
+    assert len(table) == 0 and ids[0] not in table
+
+
+def test_an_id_that_is_not_13_ascii_characters_is_refused() -> None:
+    table = MeterTable()
+    for bad in ("33B", "33B00000000000", "33B000000000é"):
+        with pytest.raises(ValueError, match="not a meter id"):
+            table.add(bad)
+    assert len(table) == 0
+
+
+def test_a_meter_costs_bytes_not_objects_and_touching_it_costs_nothing() -> None:
+    """20,000 meters with two 8-byte columns: under 80 bytes each, free slots included (a dict of floats takes 62)."""
+    ids = [meter(number) for number in range(20_000)]
+    tracemalloc.start()
+    try:
+        table = MeterTable({"energy": "d", "time": "q"})
+        for meter_id in ids:
+            table.add(meter_id)
+        added = tracemalloc.get_traced_memory()[0]
+        for meter_id in ids:
+            table.touch(table.find(meter_id))
+        touched = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert added / len(ids) < 80
+    assert touched - added < 1000  # moving 20,000 meters: no growth (a dict's table would double)
