@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -1175,6 +1176,29 @@ def test_memory_never_remembers_more_than_max_meters() -> None:
 
     assert len(memory) == 2
     assert [memory.is_duplicate(m, SECONDS, T1) for m in meters] == [False, False, False, True, True]
+
+
+def test_a_fleet_heard_again_is_held_in_bytes_per_meter_not_a_record_a_float_and_a_grown_dict() -> None:
+    """20,000 meters, each with a power and an energy reading forwarded twice: under 90 bytes per meter held.
+
+    Measured: 76 with the table; 152 with a dict of slotted records (a
+    record, the energy's float, and the dict's table grown by moving each
+    meter to the end at each reading).
+    """
+    meters = [f"33B{number:010d}" for number in range(20_000)]
+    memory = MeterMemory()
+    tracemalloc.start()
+    try:
+        for meter_time in ("20260117211500", "20260117213000"):
+            for number, meter_id in enumerate(meters):
+                memory.remember(meter_id, SECONDS, meter_time, None)
+                memory.remember(meter_id, MINUTES, meter_time, 1000.0 + number + int(meter_time[-4:]) / 10_000)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert memory.last_energy(meters[7]) == 1007.3
+    assert memory.is_duplicate(meters[7], MINUTES, "20260117213000")
+    assert held / len(meters) < 90
 
 
 def test_default_memory_bound_is_200000_meters() -> None:
