@@ -42,6 +42,7 @@ from typing import Any
 from config_loader import Config, MeterSettings
 from config_status import CONFIG_STATES  # the states of <main>/<id>/config_status
 from data_mapping import EXPORT_FIELD, PER_PHASE_FIELDS
+from meter_table import MeterSet
 from topics import (
     BINARY_SENSOR_COMPONENT,
     DISCOVERY_COMPONENT,
@@ -416,11 +417,12 @@ class DiscoveryAnnouncer:
         self._publish = publish
         self._lock = threading.Lock()
         self._bridge_pending = enabled  # the bridge's configs go out before any meter's
-        self._known: dict[str, None] = {}  # insertion-ordered set, bounded
-        self._pending: dict[str, None] = {}  # meters to announce at the next ticks, in order
+        # Sets a whole fleet may be in, so compact (see meter_table): 40 bytes a meter, not 100.
+        self._known = MeterSet()  # in the order they were learnt, bounded
+        self._pending = MeterSet()  # meters to announce at the next ticks, in order
         # Meters announced by their first reading whose diagnostic configs follow at the next ticks:
         # a burst of new meters then costs the outgoing queue what it did before the diagnostics.
-        self._diagnostics: dict[str, None] = {}
+        self._diagnostics = MeterSet()
         self._cleared: set[str] = set()  # excluded meters whose retained readings were cleared
         self._round_started: float | None = None
 
@@ -457,16 +459,16 @@ class DiscoveryAnnouncer:
             self.subscriptions = self._subscriptions()
             self._cleared &= meters.exclude
             for meter_id in [m for m in self._known if m in meters.exclude]:
-                del self._known[meter_id]
-                self._pending.pop(meter_id, None)
-                self._diagnostics.pop(meter_id, None)
+                self._known.discard(meter_id)
+                self._pending.discard(meter_id)
+                self._diagnostics.discard(meter_id)
             if not enabled:  # nothing more goes out under the prefix
                 self._pending.clear()
                 self._diagnostics.clear()
                 self._round_started = None
             if enabled:
                 for meter_id in self._known:
-                    self._pending[meter_id] = None
+                    self._pending.add(meter_id)
 
     def _subscriptions(self) -> tuple[str, ...]:
         """Home Assistant's status, every sensor config (meters' and bridge's), the bridge's binary sensors."""
@@ -500,10 +502,10 @@ class DiscoveryAnnouncer:
         with self._lock:
             if meter_id in self._known and meter_id not in self._pending:
                 return False
-            self._pending.pop(meter_id, None)
+            self._pending.discard(meter_id)
             new = meter_id not in self._known
             self._remember(meter_id)
-            self._diagnostics[meter_id] = None
+            self._diagnostics.add(meter_id)
         if new:
             log.info("announcing meter %s to Home Assistant", meter_id)
         self._announce(meter_id, diagnostics=False)
@@ -517,7 +519,7 @@ class DiscoveryAnnouncer:
             for meter_id in meter_ids:
                 if meter_id not in self.meters.exclude:
                     self._remember(meter_id)
-                    self._pending[meter_id] = None
+                    self._pending.add(meter_id)
 
     def ha_online(self) -> None:
         """Home Assistant (re)started: announce every known meter again, over the next ticks."""
@@ -526,7 +528,7 @@ class DiscoveryAnnouncer:
         with self._lock:
             self._bridge_pending = True
             for meter_id in self._known:
-                self._pending[meter_id] = None
+                self._pending.add(meter_id)
             count = len(self._pending)
         log.info("Home Assistant is online: announcing the bridge and %d meters", count)
 
@@ -542,7 +544,7 @@ class DiscoveryAnnouncer:
         with self._lock:
             batch = self._take(self._pending)
             for meter_id in batch:
-                self._diagnostics.pop(meter_id, None)  # a full announcement has them
+                self._diagnostics.discard(meter_id)  # a full announcement has them
             diagnostics = self._take(self._diagnostics, self.diagnostics_per_tick)
             finished = bool(batch) and not self._pending
             started = self._round_started if self._round_started is not None else now
@@ -558,19 +560,14 @@ class DiscoveryAnnouncer:
             log.info("announced the known meters to Home Assistant (%.1f s)", max(0.0, now - started))
         return len(batch)
 
-    def _take(self, queue: dict[str, None], limit: int | None = None) -> list[str]:
+    def _take(self, queue: MeterSet, limit: int | None = None) -> list[str]:
         """The first ``limit`` (``meters_per_tick``) meters of ``queue``, removed from it (caller holds the lock)."""
-        limit = self.meters_per_tick if limit is None else limit
-        batch: list[str] = []
-        for meter_id in queue:
-            if len(batch) >= limit:
-                break
-            batch.append(meter_id)
+        batch = queue.first(self.meters_per_tick if limit is None else limit)
         if len(batch) == len(queue):
-            queue.clear()  # gives its table back: a dict emptied key by key keeps the size of its largest burst
+            queue.clear()
         else:
             for meter_id in batch:
-                del queue[meter_id]
+                queue.discard(meter_id)
         return batch
 
     def on_central_message(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -612,7 +609,7 @@ class DiscoveryAnnouncer:
             with self._lock:
                 if meter_id not in self._known:
                     self._remember(meter_id)
-                    self._pending[meter_id] = None
+                    self._pending.add(meter_id)
             return
         if meter_id not in self.meters.exclude:
             log.info("removing the Home Assistant entity %s of meter %s (no longer configured)", object_id, meter_id)
@@ -635,12 +632,12 @@ class DiscoveryAnnouncer:
 
     def _remember(self, meter_id: str) -> None:
         """Add to the known meters (caller holds the lock); forget the oldest beyond the bound."""
-        self._known[meter_id] = None
+        self._known.add(meter_id)
         if len(self._known) > self.max_meters:
-            oldest = next(iter(self._known))
-            del self._known[oldest]
-            self._pending.pop(oldest, None)
-            self._diagnostics.pop(oldest, None)
+            oldest = self._known.first(1)[0]
+            self._known.discard(oldest)
+            self._pending.discard(oldest)
+            self._diagnostics.discard(oldest)
 
     def _announce_bridge(self) -> None:
         """Publish the bridge's configs if due; under the lock, so no meter's config can overtake them."""

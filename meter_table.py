@@ -235,3 +235,45 @@ class MeterTable:
                 for name, values in columns:
                     self._columns[name][slot] = values[old]
                 old = old_next[old]
+
+
+class MeterSet:
+    """An ordered set of meter ids (first added first), in a ``MeterTable``: 40 bytes a meter, not a dict's 100.
+
+    What a ``dict[str, None]`` used as an ordered set does, for the sets a
+    whole fleet may be in: adding a member again keeps its place.
+    """
+
+    def __init__(self) -> None:
+        self._table = MeterTable()
+
+    def add(self, meter_id: str) -> None:
+        if self._table.find(meter_id) < 0:
+            self._table.add(meter_id)
+
+    def discard(self, meter_id: str) -> None:
+        slot = self._table.find(meter_id)
+        if slot >= 0:
+            self._table.remove(slot)
+
+    def first(self, count: int) -> list[str]:
+        """The ``count`` oldest members (fewer when there are fewer)."""
+        table, members = self._table, []
+        slot = table.oldest()
+        while slot != _NONE and len(members) < count:
+            members.append(table.meter_id(slot))
+            slot = table.following(slot)
+        return members
+
+    def clear(self) -> None:
+        self._table.clear()
+
+    def __contains__(self, meter_id: str) -> bool:
+        return self._table.find(meter_id) >= 0
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __iter__(self) -> Iterator[str]:
+        """The members, oldest first (a copy: the set may change while it is walked)."""
+        return iter(self._table.meter_ids())

@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from meter_table import MeterTable
+from meter_table import MeterSet, MeterTable
 
 
 def meter(number: int) -> str:
@@ -111,3 +111,17 @@ def test_a_meter_costs_bytes_not_objects_and_touching_it_costs_nothing() -> None
         tracemalloc.stop()
     assert added / len(ids) < 80
     assert touched - added < 1000  # moving 20,000 meters: no growth (a dict's table would double)
+
+
+def test_a_meter_set_is_an_ordered_set_whose_members_keep_their_place() -> None:
+    members = MeterSet()
+    for number in (3, 1, 2, 1):
+        members.add(meter(number))
+    assert list(members) == [meter(3), meter(1), meter(2)] and len(members) == 3
+    assert members.first(2) == [meter(3), meter(1)] and members.first(9) == list(members)
+    members.discard(meter(1))
+    members.discard(meter(9))  # not a member: nothing happens
+    assert list(members) == [meter(3), meter(2)] and meter(1) not in members and meter(2) in members
+    for member in members:  # a copy: the set may change meanwhile
+        members.discard(member)
+    assert len(members) == 0 and members.first(1) == []
