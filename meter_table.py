@@ -11,8 +11,9 @@ float or an integer.
 
 The ids are meter ids as validated at the edge (``topics.is_valid_meter_id``):
 13 ASCII letters and digits. A meter has a *slot*, a small integer that
-indexes every array; slots are renumbered when the table grows or shrinks,
-so a slot is valid only until the next ``add`` or ``remove``.
+indexes every array. A slot stays the meter's while the table grows (its
+arrays are extended in place); slots are renumbered when it shrinks, so a
+slot is valid until the next ``remove``.
 
 Meters are kept in ordered lists (``lists`` of them, oldest first): a meter
 is in exactly one. ``touch`` moves it to the young end of a list, in
@@ -38,7 +39,7 @@ class MeterTable:
     ``defaults`` gives each column's value for a new meter (0 unless given).
     The columns are ``array`` objects reached with ``column(name)``, as long
     as the table's capacity (not its length); like a slot, a column is valid
-    until the next ``add`` or ``remove``, which may replace it.
+    until the next ``remove``, which may replace it.
     """
 
     def __init__(self, columns: Mapping[str, str] | None = None, defaults: Mapping[str, float] | None = None,
@@ -136,7 +137,7 @@ class MeterTable:
         if len(key) != ID_LENGTH:
             raise ValueError(f"not a meter id: {meter_id!r}")
         if self._free == _NONE and self._used == self._capacity:
-            self._rebuild(self._capacity + self._capacity // 2)  # half as large again: little room left unused
+            self._grow(self._capacity + self._capacity // 2)  # half as large again: little room left unused
         if self._free != _NONE:
             slot = self._free
             self._free = self._next[slot]
@@ -221,8 +222,36 @@ class MeterTable:
             cell = (cell + 1) & mask
         index[hole] = _NONE
 
+    def _grow(self, capacity: int) -> None:
+        """Room for ``capacity`` meters, every slot in use kept where it is: the arrays extended, the index rebuilt.
+
+        In place and without moving a meter, so that a fleet appearing at once
+        (100,000 meters at a start) costs one hash per meter and growth, not a
+        copy of each meter in Python.
+        """
+        extra = capacity - self._capacity
+        self._ids.extend(bytes(extra * ID_LENGTH))
+        for links in (self._prev, self._next):
+            links.extend(array("i", [_NONE]) * extra)
+        self._list.extend(array("b", [0]) * extra)
+        for name, values in self._columns.items():
+            values.extend(array(values.typecode, [self._defaults[name]]) * extra)
+        self._capacity = capacity
+        size = 1 << (2 * capacity - 1).bit_length()
+        if size == len(self._index):
+            return
+        index = self._index = array("i", [_NONE]) * size
+        mask = self._mask = size - 1
+        ids = self._ids
+        for slot in range(self._used):  # all in use: the table grows only when no slot is free
+            start = slot * ID_LENGTH
+            cell = hash(ids[start:start + ID_LENGTH].decode("ascii")) & mask
+            while index[cell] != _NONE:
+                cell = (cell + 1) & mask
+            index[cell] = slot
+
     def _rebuild(self, capacity: int) -> None:
-        """Move every meter to a table of ``capacity`` slots, the lists' orders kept (slots renumbered)."""
+        """Move every meter to a smaller table of ``capacity`` slots, the lists' orders kept (slots renumbered)."""
         old_ids, old_next, old_columns = self._ids, self._next, self._columns
         heads = list(self._heads)
         columns = list(old_columns.items())

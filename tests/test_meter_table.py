@@ -125,3 +125,16 @@ def test_a_meter_set_is_an_ordered_set_whose_members_keep_their_place() -> None:
     for member in members:  # a copy: the set may change meanwhile
         members.discard(member)
     assert len(members) == 0 and members.first(1) == []
+
+
+def test_a_slot_and_a_column_stay_valid_while_the_table_grows() -> None:
+    """Growing extends the arrays in place: a fleet appearing at once is not copied meter by meter."""
+    table = MeterTable({"energy": "d"})
+    slots = {meter(number): table.add(meter(number)) for number in range(16)}
+    table.touch(slots[meter(0)])  # the oldest is now the youngest: a copy in list order would move it
+    energies = table.column("energy")
+    energies[slots[meter(0)]] = 1.5
+    for number in range(16, 1000):
+        table.add(meter(number))
+    assert table.find(meter(0)) == slots[meter(0)] and table.column("energy") is energies
+    assert energies[slots[meter(0)]] == 1.5
