@@ -32,7 +32,6 @@ import functools
 import json
 import math
 import re
-import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
@@ -293,7 +292,6 @@ def parse_packet(raw: bytes, mapped_tags: Callable[[str], Container[str]] = _eve
     meter_id = document.pop("id", None)
     if not is_valid_meter_id(meter_id):
         raise Rejected(REJECT_BAD_METER_ID, f"id {str(meter_id)[:40]!r} is not 13 letters and digits")
-    meter_id = sys.intern(meter_id)  # one string per meter, however many structures key on it
     meter_time = document.pop("time", None)
     problem = _meter_time_problem(meter_time) if isinstance(meter_time, str) else "is not YYYYMMDDhhmmss"
     if problem is not None:
