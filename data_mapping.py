@@ -543,17 +543,22 @@ class MeterMemory:
         of the last energy reading held back. A reading the broker sends again
         (MQTT's DUP flag: a redelivery after a reconnect) is also one when it
         is not newer than the last forwarded reading: it was seen on the
-        earlier connection. Meter times compare as text (fixed-width digits).
+        earlier connection. Meter times compare as the numbers their fixed-width digits spell.
         """
-        record = self._find(meter_id)
-        if record is None:
+        table = self._table
+        slot = table.find(meter_id)
+        if slot < 0:
             return False
         if kind == SECONDS:
-            last = record.last_seconds
+            last = table.column("last_seconds")[slot]
         else:  # after a restart only the floor's time is known: it was delivered
-            last = record.last_minutes if record.last_minutes is not None else record.energy_time
-        if last is not None and (meter_time == last or (redelivered and meter_time < last)):
-            return True
+            last = table.column("last_minutes")[slot]
+            if last == _NO_TIME:
+                last = table.column("energy_time")[slot]
+        if last != _NO_TIME:
+            number = int(meter_time)  # as the table keeps them: the number the 14 digits spell
+            if number == last or (redelivered and number < last):
+                return True
         held = self._held.get(meter_id) if self._held else None
         return kind == MINUTES and held is not None and held.last[0] == meter_time
 

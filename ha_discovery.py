@@ -500,8 +500,8 @@ class DiscoveryAnnouncer:
         if self._bridge_pending:  # read without the lock (the per-reading path); taken below in any case,
             self._announce_bridge()  # so a meter's configs never overtake the bridge's being published
         with self._lock:
-            if meter_id in self._known and meter_id not in self._pending:
-                return False
+            if meter_id in self._known and (not self._pending or meter_id not in self._pending):
+                return False  # (an empty waiting list, as it mostly is, is not searched)
             self._pending.discard(meter_id)
             new = meter_id not in self._known
             self._remember(meter_id)

@@ -67,11 +67,18 @@ class MeterTable:
         self._heads[:] = [_NONE] * len(self._heads)
         self._tails[:] = [_NONE] * len(self._tails)
         self._counts[:] = [0] * len(self._counts)
+        self._recent_id, self._recent_slot = "", _NONE  # see ``find``
 
     # --- looking up -----------------------------------------------------------------
 
     def find(self, meter_id: str) -> int:
-        """The meter's slot, or -1 when it is not in the table."""
+        """The meter's slot, or -1 when it is not in the table.
+
+        The last meter found or added is remembered: a reading asks about
+        its meter several times (is it a duplicate, then record it).
+        """
+        if meter_id == self._recent_id:
+            return self._recent_slot
         key = meter_id.encode("ascii")
         ids, index, mask = self._ids, self._index, self._mask
         cell = hash(meter_id) & mask
@@ -81,6 +88,7 @@ class MeterTable:
                 return _NONE
             start = slot * ID_LENGTH
             if ids[start:start + ID_LENGTH] == key:
+                self._recent_id, self._recent_slot = meter_id, slot
                 return slot
             cell = (cell + 1) & mask
 
@@ -154,6 +162,7 @@ class MeterTable:
         while index[cell] != _NONE:
             cell = (cell + 1) & mask
         index[cell] = slot
+        self._recent_id, self._recent_slot = meter_id, slot
         return slot
 
     def touch(self, slot: int, which: int = 0) -> None:
@@ -165,6 +174,7 @@ class MeterTable:
 
     def remove(self, slot: int) -> None:
         """Take a meter out of the table."""
+        self._recent_id, self._recent_slot = "", _NONE
         self._unlink(slot)
         self._unindex(slot)
         self._next[slot] = self._free
