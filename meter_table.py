@@ -79,7 +79,7 @@ class MeterTable:
         """
         if meter_id == self._recent_id:
             return self._recent_slot
-        key = meter_id.encode("ascii")
+        key = meter_id.encode("ascii", "replace")  # not ASCII: not a meter id, so never found (no exception)
         ids, index, mask = self._ids, self._index, self._mask
         cell = hash(meter_id) & mask
         while True:

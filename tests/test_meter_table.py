@@ -92,6 +92,7 @@ def test_an_id_that_is_not_13_ascii_characters_is_refused() -> None:
     for bad in ("33B", "33B00000000000", "33B000000000é"):
         with pytest.raises(ValueError, match="not a meter id"):
             table.add(bad)
+        assert bad not in table  # a question about it is answered, not an exception
     assert len(table) == 0
 
 
