@@ -280,13 +280,14 @@ class EnergyJournal:
 
     def record(self, meter_id: str, energy: float, meter_time: str) -> None:
         """Note the energy of a reading the central broker acknowledged (written by ``flush``)."""
+        floor = Floor(float(energy), meter_time)
+        _check_floor(floor)  # before the table changes: a meter is never left with a floor half set
         floors = self._floors
         slot = floors.find(meter_id)
         if slot < 0:
             slot = floors.add(meter_id)
         else:
             floors.touch(slot)  # moved to the most recently recorded end
-        floor = Floor(float(energy), meter_time)
         _put_floor(floors, slot, floor)
         if len(floors) > self.max_meters:
             floors.remove(floors.oldest())
@@ -415,9 +416,14 @@ def _floor_table(floors: dict[str, Floor] | None = None) -> MeterTable:
     return table
 
 
-def _put_floor(table: MeterTable, slot: int, floor: Floor) -> None:
+def _check_floor(floor: Floor) -> None:
+    """Raise ValueError for a floor the table cannot keep (its time is not 14 digits)."""
     if floor.meter_time is not None and not is_meter_time(floor.meter_time):
         raise ValueError(f"not a meter time: {floor.meter_time!r}")
+
+
+def _put_floor(table: MeterTable, slot: int, floor: Floor) -> None:
+    _check_floor(floor)
     table.column("energy")[slot] = floor.energy
     table.column("time")[slot] = _NO_TIME if floor.meter_time is None else int(floor.meter_time)
 

@@ -127,6 +127,17 @@ def test_a_fleet_in_service_holds_bytes_per_meter_not_a_dict_entry_and_a_tuple(t
     assert held / len(meters) < 70
 
 
+def test_a_floor_whose_time_is_not_a_meter_time_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    journal = EnergyJournal(tmp_path)
+    journal.open()
+    journal.record(METER, 1.0, "20260117211500")
+    for bad in ("2026", "2026011721150x"):
+        with pytest.raises(ValueError, match="not a meter time"):
+            journal.record(OTHER, 2.0, bad)
+    assert journal.floors() == {METER: Floor(1.0, "20260117211500")}
+    journal.close()
+
+
 def test_a_second_journal_on_the_same_directory_is_refused(tmp_path: Path) -> None:
     first = EnergyJournal(tmp_path)
     first.open()
