@@ -9,7 +9,7 @@ shows a dead meter as unavailable within a few intervals.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from meter_table import MeterTable
 
@@ -144,6 +144,17 @@ class MeterAvailability:
             seen = table.column("seen")
             return [(table.meter_id(slot), seen[slot], which == _ONLINE)
                     for which in (_ONLINE, _OFFLINE) for slot in table.slots(which)]
+
+    def entries(self) -> Iterator[tuple[str, float, bool]]:
+        """What ``snapshot`` lists, in no order, a meter at a time: to save a large fleet's last-seen times.
+
+        The table is copied with the lock held (a few bulk copies of arrays);
+        the meters are yielded from the copy after, so that no list of
+        100,000 tuples is built while the readings wait for the lock.
+        """
+        with self._lock:
+            copy = self._table.copy("seen")
+        return ((meter_id, seen, which == _ONLINE) for meter_id, seen, which in copy.entries())
 
     def went_offline(self, now: float) -> list[str]:
         """The meters silent for longer than their limit since the last call; now offline."""

@@ -342,7 +342,7 @@ class Proxy:
         self._next_last_seen_save = now + LAST_SEEN_SAVE_SECONDS
         wall_offset = time.time() - time.monotonic()
         self.last_seen.save((meter_id, seen + wall_offset, online)
-                            for meter_id, seen, online in self.availability.snapshot())
+                            for meter_id, seen, online in self.availability.entries())
 
     def run(self, stop: threading.Event) -> int:
         """The main thread's timers, until ``stop`` is set; the exit code (0)."""

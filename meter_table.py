@@ -57,7 +57,7 @@ class MeterTable:
         self._ids = bytearray(capacity * ID_LENGTH)
         self._prev = array("i", [_NONE]) * capacity
         self._next = array("i", [_NONE]) * capacity
-        self._list = array("b", [0]) * capacity
+        self._list = array("b", [_NONE]) * capacity  # -1: a free slot
         size = 1 << (2 * capacity - 1).bit_length()  # at least twice the capacity: probes stay short
         self._index = array("i", [_NONE]) * size
         self._mask = size - 1
@@ -107,6 +107,15 @@ class MeterTable:
     def list_of(self, slot: int) -> int:
         """Which list the meter in ``slot`` is in."""
         return self._list[slot]
+
+    def copy(self, column: str) -> TableCopy:
+        """Every meter's id, list and value of one column, copied in C (for use outside the owner's lock).
+
+        A few bulk copies of arrays, where a list of 100,000 tuples took 49
+        ms and 15.7 MB of small objects.
+        """
+        used = self._used
+        return TableCopy(bytes(self._ids[:used * ID_LENGTH]), self._list[:used], self._columns[column][:used])
 
     def __len__(self) -> int:
         return sum(self._counts)
@@ -176,6 +185,7 @@ class MeterTable:
         """Take a meter out of the table."""
         self._recent_id, self._recent_slot = "", _NONE
         self._unlink(slot)
+        self._list[slot] = _NONE
         self._unindex(slot)
         self._next[slot] = self._free
         self._free = slot
@@ -243,7 +253,7 @@ class MeterTable:
         self._ids.extend(bytes(extra * ID_LENGTH))
         for links in (self._prev, self._next):
             links.extend(array("i", [_NONE]) * extra)
-        self._list.extend(array("b", [0]) * extra)
+        self._list.extend(array("b", [_NONE]) * extra)
         for name, values in self._columns.items():
             values.extend(array(values.typecode, [self._defaults[name]]) * extra)
         self._capacity = capacity
@@ -274,6 +284,21 @@ class MeterTable:
                 for name, values in columns:
                     self._columns[name][slot] = values[old]
                 old = old_next[old]
+
+
+class TableCopy:
+    """A copy of a table's ids, lists and one column: ``entries`` yields them a meter at a time, in no order."""
+
+    def __init__(self, ids: bytes, lists: array, values: array) -> None:
+        self._ids, self._lists, self._values = ids, lists, values
+
+    def entries(self) -> Iterator[tuple[str, float, int]]:
+        """``(meter id, value, list)`` of every meter, in the order of their slots."""
+        ids, values = self._ids, self._values
+        for slot, which in enumerate(self._lists):
+            if which != _NONE:
+                start = slot * ID_LENGTH
+                yield ids[start:start + ID_LENGTH].decode("ascii"), values[slot], which
 
 
 class MeterSet:

@@ -139,3 +139,15 @@ def test_a_slot_and_a_column_stay_valid_while_the_table_grows() -> None:
         table.add(meter(number))
     assert table.find(meter(0)) == slots[meter(0)] and table.column("energy") is energies
     assert energies[slots[meter(0)]] == 1.5
+
+
+def test_a_copy_has_every_meter_in_the_table_and_none_removed() -> None:
+    table = MeterTable({"seen": "d"}, lists=2)
+    for number in range(40):
+        slot = table.add(meter(number), number % 2)
+        table.column("seen")[slot] = number / 2
+    for number in range(0, 40, 3):
+        table.remove(table.find(meter(number)))
+    copy = table.copy("seen")
+    table.add(meter(99))  # the copy is the table as it was
+    assert sorted(copy.entries()) == [(meter(number), number / 2, number % 2) for number in range(40) if number % 3]

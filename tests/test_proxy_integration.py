@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import tracemalloc
 from datetime import datetime
 from pathlib import Path
 
@@ -204,6 +205,34 @@ def test_a_second_proxy_on_the_same_state_directory_refuses_to_start(proxy, prox
     assert second.wait(15) == 3
     assert "is in use by another kpm33b_proxy process" in second.output()
     assert proxy.alive()
+
+
+def test_saving_when_a_large_fleet_was_last_heard_builds_no_object_per_meter(tmp_path: Path) -> None:
+    """20,000 meters: the last-seen file is written from a copy of availability's arrays, a line at a time.
+
+    It was written from a list of (id, time, online) tuples made with
+    availability's lock held, which the readings wait for: 157 bytes per meter
+    at once, every minute (100,000 meters: 15.7 MB, and 49 ms with the lock
+    held; now 1.6 ms). Measured: a peak of 3.2 MB for 20,000 meters before,
+    0.5 MB after.
+    """
+    proxy = Proxy(config_loader.parse_config(config_dict(1883, 1884), {}), tmp_path / "state")
+    (tmp_path / "state").mkdir()
+    for number in range(20_000):
+        proxy.availability.seen(f"33B{number:010d}", time.monotonic())
+    proxy.availability.went_offline(time.monotonic() + 3600)  # offline ones are saved too
+    proxy.availability.seen("33B0000000007", time.monotonic())
+    tracemalloc.start()
+    try:
+        proxy._save_last_seen(time.monotonic())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    lines = (tmp_path / "state" / "last_seen").read_text().splitlines()
+    assert len(lines) == 20_000
+    assert sum(line.endswith(" online") for line in lines) == 1
+    assert any(line.startswith("33B0000000007 ") and line.endswith(" online") for line in lines)
+    assert peak < 1_000_000, peak
 
 
 def test_meter_goes_offline_after_silence_and_online_again(tmp_path, internal_broker, central_broker):
