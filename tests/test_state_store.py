@@ -127,6 +127,31 @@ def test_a_fleet_in_service_holds_bytes_per_meter_not_a_dict_entry_and_a_tuple(t
     assert held / len(meters) < 70
 
 
+def test_compacting_a_large_fleet_writes_its_lines_in_chunks_not_all_at_once(tmp_path: Path) -> None:
+    """20,000 floors rewritten: a peak under 1 MB, the file whole.
+
+    The journal was rewritten from all its lines joined at once: 100,000
+    meters made 13.4 MB of short-lived strings, every few minutes in a
+    fleet in service. Measured for 20,000: a peak of 2.7 MB before, 0.7 MB
+    after (and 0.7 MB for 100,000).
+    """
+    journal = EnergyJournal(tmp_path, compact_after=10**9)
+    journal.open()
+    for number in range(20_000):
+        journal.record(f"33B{number:010d}", 1000.0 + number * 0.37, "20260117211500")
+    journal.flush()
+    tracemalloc.start()
+    try:
+        journal.compact()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    journal.close()
+    lines = journal_text(tmp_path).splitlines()
+    assert len(lines) == 20_000 and lines[7] == f"33B{7:010d} {1000.0 + 7 * 0.37!r} 20260117211500"
+    assert peak < 1_000_000, peak
+
+
 def test_a_floor_whose_time_is_not_a_meter_time_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     journal = EnergyJournal(tmp_path)
     journal.open()
