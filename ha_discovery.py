@@ -500,8 +500,8 @@ class DiscoveryAnnouncer:
         if self._bridge_pending:  # read without the lock (the per-reading path); taken below in any case,
             self._announce_bridge()  # so a meter's configs never overtake the bridge's being published
         with self._lock:
-            if meter_id in self._known and (not self._pending or meter_id not in self._pending):
-                return False  # (an empty waiting list, as it mostly is, is not searched)
+            if meter_id in self._known and meter_id not in self._pending:
+                return False
             self._pending.discard(meter_id)
             new = meter_id not in self._known
             self._remember(meter_id)
@@ -563,11 +563,8 @@ class DiscoveryAnnouncer:
     def _take(self, queue: MeterSet, limit: int | None = None) -> list[str]:
         """The first ``limit`` (``meters_per_tick``) meters of ``queue``, removed from it (caller holds the lock)."""
         batch = queue.first(self.meters_per_tick if limit is None else limit)
-        if len(batch) == len(queue):
-            queue.clear()
-        else:
-            for meter_id in batch:
-                queue.discard(meter_id)
+        for meter_id in batch:
+            queue.discard(meter_id)  # an emptied set gives its memory back (see meter_table)
         return batch
 
     def on_central_message(self, topic: str, payload: bytes, retained: bool) -> None:

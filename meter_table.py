@@ -79,6 +79,8 @@ class MeterTable:
         """
         if meter_id == self._recent_id:
             return self._recent_slot
+        if not self._used:  # empty (as a waiting list mostly is): nothing to hash or probe
+            return _NONE
         key = meter_id.encode("ascii", "replace")  # not ASCII: not a meter id, so never found (no exception)
         ids, index, mask = self._ids, self._index, self._mask
         cell = hash(meter_id) & mask

@@ -426,7 +426,7 @@ def _check_floor(floor: Floor) -> None:
 
 
 def _put_floor(table: MeterTable, slot: int, floor: Floor) -> None:
-    _check_floor(floor)
+    """Write a checked floor (``_check_floor``; the journal's parser checks what it reads) into its slot."""
     table.column("energy")[slot] = floor.energy
     table.column("time")[slot] = _NO_TIME if floor.meter_time is None else int(floor.meter_time)
 
