@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 
-from meter_table import MeterTable
+from meter_table import MeterIds, MeterTable
 
 OFFLINE_FACTOR = 2.5
 _ONLINE, _OFFLINE = 0, 1  # the lists of the meter table
@@ -45,11 +45,11 @@ class MeterAvailability:
     """
 
     def __init__(self, limit_for: Callable[[str], float], shortest_limit: float,
-                 max_meters: int = 200_000) -> None:
+                 max_meters: int = 200_000, ids: MeterIds | None = None) -> None:
         self._limit_for = limit_for
         self._shortest_limit = shortest_limit
         self._max_meters = max_meters
-        self._table = MeterTable({"seen": "d"}, lists=2)  # ``seen``: the last reading's time
+        self._table = MeterTable({"seen": "d"}, lists=2, ids=ids)  # ``seen``: the last reading's time
         # Online meters out of their place in the online list (restored online after they were offline,
         # appended with an older last-seen time than those before them): checked one by one. Rare (the
         # broker's retained "online" for a meter this proxy had offline), so a small set of ids rather

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from meter_table import MeterTable
+from meter_table import MeterIds, MeterTable
 from topics import MINUTES, SECONDS, is_valid_meter_id
 
 # The tag of the one value each clean message carries, and its clean name.
@@ -524,11 +524,11 @@ class MeterMemory:
     grown by moving each meter to the end); this costs 76 (20,000 meters).
     """
 
-    def __init__(self, max_meters: int = 200_000) -> None:
+    def __init__(self, max_meters: int = 200_000, ids: MeterIds | None = None) -> None:
         self.max_meters = max_meters
         self._table = MeterTable({"last_seconds": "q", "last_minutes": "q", "energy_time": "q", "energy": "d"},
                                  defaults={"last_seconds": _NO_TIME, "last_minutes": _NO_TIME,
-                                           "energy_time": _NO_TIME, "energy": _NO_ENERGY})
+                                           "energy_time": _NO_TIME, "energy": _NO_ENERGY}, ids=ids)
         self._held: dict[str, _Held] = {}
         self._export: dict[str, ExportFloor] = {}
 

@@ -42,7 +42,7 @@ from typing import Any
 from config_loader import Config, MeterSettings
 from config_status import CONFIG_STATES  # the states of <main>/<id>/config_status
 from data_mapping import EXPORT_FIELD, PER_PHASE_FIELDS
-from meter_table import MeterSet
+from meter_table import MeterIds, MeterSet
 from topics import (
     BINARY_SENSOR_COMPONENT,
     DISCOVERY_COMPONENT,
@@ -402,7 +402,8 @@ class DiscoveryAnnouncer:
 
     def __init__(self, meters: MeterSettings, main_topic: str, prefix: str, publish: Publish, *,
                  enabled: bool = True, origin_url: str | None = None, meters_per_tick: int = METERS_PER_TICK,
-                 max_meters: int = MAX_KNOWN_METERS, diagnostics_per_tick: int = DIAGNOSTICS_PER_TICK) -> None:
+                 max_meters: int = MAX_KNOWN_METERS, diagnostics_per_tick: int = DIAGNOSTICS_PER_TICK,
+                 ids: MeterIds | None = None) -> None:
         self.meters = meters
         self.main_topic = main_topic
         self.prefix = prefix
@@ -417,21 +418,22 @@ class DiscoveryAnnouncer:
         self._publish = publish
         self._lock = threading.Lock()
         self._bridge_pending = enabled  # the bridge's configs go out before any meter's
-        # Sets a whole fleet may be in, so compact (see meter_table): 40 bytes a meter, not 100.
-        self._known = MeterSet()  # in the order they were learnt, bounded
-        self._pending = MeterSet()  # meters to announce at the next ticks, in order
+        # Sets a whole fleet may be in, so compact (see meter_table): 40 bytes a meter, not 100, and 9
+        # with the ids shared with the proxy's other tables (``ids``).
+        self._known = MeterSet(ids)  # in the order they were learnt, bounded
+        self._pending = MeterSet(ids)  # meters to announce at the next ticks, in order
         # Meters announced by their first reading whose diagnostic configs follow at the next ticks:
         # a burst of new meters then costs the outgoing queue what it did before the diagnostics.
-        self._diagnostics = MeterSet()
+        self._diagnostics = MeterSet(ids)
         self._cleared: set[str] = set()  # excluded meters whose retained readings were cleared
         self._round_started: float | None = None
 
     @classmethod
-    def from_config(cls, config: Config, publish: Publish) -> DiscoveryAnnouncer:
+    def from_config(cls, config: Config, publish: Publish, ids: MeterIds | None = None) -> DiscoveryAnnouncer:
         """The announcer the configuration asks for (doing nothing when discovery is off)."""
         settings = config.homeassistant
         return cls(config.meters, config.central_broker_topics.external_main_topic, settings.discovery_prefix,
-                   publish, enabled=settings.discovery, origin_url=settings.origin_url)
+                   publish, enabled=settings.discovery, origin_url=settings.origin_url, ids=ids)
 
     def reconfigure(self, meters: MeterSettings, prefix: str, *, enabled: bool,
                     origin_url: str | None) -> None:

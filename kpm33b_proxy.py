@@ -66,6 +66,7 @@ from data_mapping import (
 )
 from fleet import device_list, encode_device_list
 from ha_discovery import DiscoveryAnnouncer, per_phase_by_meter
+from meter_table import MeterIds
 from mqtt_client import (
     ConnectionReporter,
     connect_in_background,
@@ -225,16 +226,19 @@ class Proxy:
         # Its own budget: a refusing central broker must not silence the rejections, nor the reverse.
         self.refusals = RateLimitedLog(log, what="refused publishes")
         self.oversized = RateLimitedLog(log, what="messages too large for the central broker")
-        self.memory = MeterMemory()
+        # Every table of the fleet (filters, energy journal, availability, discovery) keeps the same
+        # meters: their ids and hash index are kept once (see meter_table), not once per table.
+        meter_ids = MeterIds()
+        self.memory = MeterMemory(ids=meter_ids)
         self.processor = MeterDataProcessor(
             excluded=config.meters.exclude, memory=self.memory, per_phase=per_phase_by_meter(config.meters),
             max_power_kw=config.meters.max_power_kw, max_power_by_meter=max_power_by_meter(config.meters),
             export_energy=config.meters.export_energy, export_by_meter=export_by_meter(config.meters))
         self._guard_warned: dict[str, float] = {}  # meter id → when its last energy warning was logged
-        self.availability = MeterAvailability(*silence_limits(config.meters))
-        self.journal = EnergyJournal(state_dir)
+        self.availability = MeterAvailability(*silence_limits(config.meters), ids=meter_ids)
+        self.journal = EnergyJournal(state_dir, ids=meter_ids)
         self.last_seen = LastSeenFile(state_dir)
-        self.discovery = DiscoveryAnnouncer.from_config(config, self.queue_publish)  # Home Assistant
+        self.discovery = DiscoveryAnnouncer.from_config(config, self.queue_publish, meter_ids)  # Home Assistant
         self._closing = False  # disconnections from now on are deliberate
         self.started_at = time.monotonic()
         self.heartbeat = time.monotonic()

@@ -11,59 +11,215 @@ float or an integer.
 
 The ids are meter ids as validated at the edge (``topics.is_valid_meter_id``):
 13 ASCII letters and digits. A meter has a *slot*, a small integer that
-indexes every array. A slot stays the meter's while the table grows (its
-arrays are extended in place); slots are renumbered when it shrinks, so a
-slot is valid until the next ``remove``.
+indexes every array, and keeps it while it is in the table (the arrays are
+extended in place as the table grows).
+
+Several tables may keep the same fleet (the proxy's filters, energy
+journal, availability and Home Assistant discovery each keep every meter):
+they share one ``MeterIds``, so that each id and its hash index are kept
+once, not once per table (100,000 meters: 2.6 MB a table). Without one, a
+table has its own.
 
 Meters are kept in ordered lists (``lists`` of them, oldest first): a meter
 is in exactly one. ``touch`` moves it to the young end of a list, in
 constant time and without growing anything (a dict grows when an entry is
 taken out and put back).
 
-Not thread-safe: its owner serialises access.
+A table is not thread-safe: its owner serialises access. ``MeterIds`` is:
+the tables sharing it belong to different threads.
 """
 
 from __future__ import annotations
 
+import threading
 from array import array
 from collections.abc import Iterator, Mapping
 
 ID_LENGTH = 13
 _NONE = -1  # no slot: an empty index cell, the end of a list
 _SMALLEST = 16  # slots allocated at least
+_MOST_HOLDERS = 255  # tables that may hold one meter (a byte each): a process has a handful
+
+
+class MeterIds:
+    """Meter ids ↔ slots, for the tables that share them; thread-safe.
+
+    A slot is the meter's for as long as some table holds it (``hold`` and
+    ``release`` count the tables); then it is free for another meter. Slots
+    are never renumbered: the tables index their own arrays by them. The ids
+    grow by half in place when they are all in use, and are given back only
+    once no table holds any meter (a fleet that shrinks for good keeps its
+    free slots, which new meters reuse).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._allocate(_SMALLEST)
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids = bytearray(capacity * ID_LENGTH)
+        self._holders = bytearray(capacity)  # how many tables hold each slot's meter (0: free)
+        size = 1 << (2 * capacity - 1).bit_length()  # at least twice the capacity: probes stay short
+        self._index = array("i", [_NONE]) * size
+        self._mask = size - 1
+        self._used = 0  # slots handed out so far
+        self._free = array("i")  # slots given back, handed out again first
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def find(self, meter_id: str) -> int:
+        """The meter's slot, or -1 when no table holds it (also for a text that is not ASCII)."""
+        key = meter_id.encode("ascii", "replace")  # not ASCII: not a meter id, so never found (no exception)
+        with self._lock:
+            return self._lookup(meter_id, key)
+
+    def hold(self, meter_id: str) -> int:
+        """The meter's slot, for one more table (a new slot if no table holds it yet).
+
+        Raises ValueError for an id that is not 13 ASCII characters.
+        """
+        key = meter_id.encode("ascii") if meter_id.isascii() else b""
+        if len(key) != ID_LENGTH:
+            raise ValueError(f"not a meter id: {meter_id!r}")
+        with self._lock:
+            slot = self._lookup(meter_id, key)
+            if slot == _NONE:
+                slot = self._add(meter_id, key)
+            holders = self._holders[slot]
+            if holders == _MOST_HOLDERS:
+                raise RuntimeError(f"meter {meter_id} is held by {holders} tables already")
+            self._holders[slot] = holders + 1
+            return slot
+
+    def release(self, slot: int) -> None:
+        """A table no longer holds the meter in ``slot``: the slot is free once no table does."""
+        with self._lock:
+            holders = self._holders[slot] - 1
+            self._holders[slot] = holders
+            if holders:
+                return
+            self._unindex(slot)
+            self._count -= 1
+            if self._count:
+                self._free.append(slot)
+            else:
+                self._allocate(_SMALLEST)  # no meter left: give the memory back at once
+
+    def meter_id(self, slot: int) -> str:
+        """The id of the meter in ``slot`` (held by the caller's table, so it cannot change meanwhile)."""
+        start = slot * ID_LENGTH
+        return self._ids[start:start + ID_LENGTH].decode("ascii")
+
+    def prefix(self, slots: int) -> bytes:
+        """The ids of the first ``slots`` slots, copied in one C call (free ones included)."""
+        return bytes(self._ids[:slots * ID_LENGTH])
+
+    # --- inside (with the lock held) --------------------------------------------------
+
+    def _lookup(self, meter_id: str, key: bytes) -> int:
+        ids, index, mask = self._ids, self._index, self._mask
+        cell = hash(meter_id) & mask
+        while True:
+            slot = index[cell]
+            if slot == _NONE:
+                return _NONE
+            start = slot * ID_LENGTH
+            if ids[start:start + ID_LENGTH] == key:
+                return slot
+            cell = (cell + 1) & mask
+
+    def _add(self, meter_id: str, key: bytes) -> int:
+        if self._free:
+            slot = self._free.pop()
+        else:
+            if self._used == self.capacity:
+                self._grow(self.capacity + self.capacity // 2)  # half as large again: little room left unused
+            slot = self._used
+            self._used += 1
+        start = slot * ID_LENGTH
+        self._ids[start:start + ID_LENGTH] = key
+        index, mask = self._index, self._mask
+        cell = hash(meter_id) & mask
+        while index[cell] != _NONE:
+            cell = (cell + 1) & mask
+        index[cell] = slot
+        self._count += 1
+        return slot
+
+    def _unindex(self, slot: int) -> None:
+        """Remove a slot from the hash index, shifting back the cells after it (linear probing)."""
+        index, mask = self._index, self._mask
+        cell = hash(self.meter_id(slot)) & mask
+        while index[cell] != slot:
+            cell = (cell + 1) & mask
+        hole = cell
+        cell = (cell + 1) & mask
+        while (other := index[cell]) != _NONE:
+            home = hash(self.meter_id(other)) & mask
+            # ``other`` may fill the hole when its home cell is not in (hole, cell] (cyclically).
+            if (cell - home) & mask >= (cell - hole) & mask:
+                index[hole] = other
+                hole = cell
+            cell = (cell + 1) & mask
+        index[hole] = _NONE
+
+    def _grow(self, capacity: int) -> None:
+        """Room for ``capacity`` meters, every slot kept where it is: the ids extended, the index rebuilt.
+
+        In place and without moving a meter, so that a fleet appearing at once
+        (100,000 meters at a start) costs one hash per meter and growth, not a
+        copy of each meter in Python; and a table's slots stay valid.
+        """
+        extra = capacity - self.capacity
+        self._ids.extend(bytes(extra * ID_LENGTH))
+        self._holders.extend(bytes(extra))
+        self.capacity = capacity
+        size = 1 << (2 * capacity - 1).bit_length()
+        if size == len(self._index):
+            return
+        index = self._index = array("i", [_NONE]) * size
+        mask = self._mask = size - 1
+        ids = self._ids
+        for slot in range(self._used):  # all held: the ids grow only when no slot is free
+            start = slot * ID_LENGTH
+            cell = hash(ids[start:start + ID_LENGTH].decode("ascii")) & mask
+            while index[cell] != _NONE:
+                cell = (cell + 1) & mask
+            index[cell] = slot
 
 
 class MeterTable:
     """Meter ids ↔ slots, in ``lists`` ordered lists, with typed columns (``array`` typecode per name).
 
     ``defaults`` gives each column's value for a new meter (0 unless given).
-    The columns are ``array`` objects reached with ``column(name)``, as long
-    as the table's capacity (not its length); like a slot, a column is valid
-    until the next ``remove``, which may replace it.
+    ``ids`` are the ids shared with other tables (a table of its own
+    otherwise). The columns are ``array`` objects reached with
+    ``column(name)``, indexed by slot; a slot is the meter's while it is in
+    the table, and a column is valid until the table is emptied (its arrays
+    are then given back).
     """
 
     def __init__(self, columns: Mapping[str, str] | None = None, defaults: Mapping[str, float] | None = None,
-                 lists: int = 1) -> None:
+                 lists: int = 1, ids: MeterIds | None = None) -> None:
+        self._ids = ids if ids is not None else MeterIds()
         self._types = dict(columns or {})
         self._defaults = {name: (defaults or {}).get(name, 0) for name in self._types}
         self._heads = [_NONE] * lists
         self._tails = [_NONE] * lists
         self._counts = [0] * lists
-        self._allocate(_SMALLEST)
+        self._allocate(0)
 
     def _allocate(self, capacity: int) -> None:
-        """Empty arrays for ``capacity`` slots (the columns are replaced: only for a new or rebuilt table)."""
+        """Arrays for ``capacity`` slots, no meter in any list (the columns are replaced)."""
         self._capacity = capacity
-        self._ids = bytearray(capacity * ID_LENGTH)
         self._prev = array("i", [_NONE]) * capacity
         self._next = array("i", [_NONE]) * capacity
-        self._list = array("b", [_NONE]) * capacity  # -1: a free slot
-        size = 1 << (2 * capacity - 1).bit_length()  # at least twice the capacity: probes stay short
-        self._index = array("i", [_NONE]) * size
-        self._mask = size - 1
-        self._used = 0  # slots handed out so far; the rest are free (or on the free chain)
-        self._free = _NONE  # chain of removed slots, through ``_next``
+        self._list = array("b", [_NONE]) * capacity  # -1: not in this table
         self._columns = {name: array(kind, [self._defaults[name]]) * capacity for name, kind in self._types.items()}
+        self._size = 0
         self._heads[:] = [_NONE] * len(self._heads)
         self._tails[:] = [_NONE] * len(self._tails)
         self._counts[:] = [0] * len(self._counts)
@@ -79,28 +235,20 @@ class MeterTable:
         """
         if meter_id == self._recent_id:
             return self._recent_slot
-        if not self._used:  # empty (as a waiting list mostly is): nothing to hash or probe
+        if not self._size:  # empty (as a waiting list mostly is): nothing to look up
             return _NONE
-        key = meter_id.encode("ascii", "replace")  # not ASCII: not a meter id, so never found (no exception)
-        ids, index, mask = self._ids, self._index, self._mask
-        cell = hash(meter_id) & mask
-        while True:
-            slot = index[cell]
-            if slot == _NONE:
-                return _NONE
-            start = slot * ID_LENGTH
-            if ids[start:start + ID_LENGTH] == key:
-                self._recent_id, self._recent_slot = meter_id, slot
-                return slot
-            cell = (cell + 1) & mask
+        slot = self._ids.find(meter_id)
+        if slot == _NONE or slot >= self._capacity or self._list[slot] == _NONE:
+            return _NONE  # not held by any table, or by others only
+        self._recent_id, self._recent_slot = meter_id, slot
+        return slot
 
     def __contains__(self, meter_id: str) -> bool:
         return self.find(meter_id) != _NONE
 
     def meter_id(self, slot: int) -> str:
         """The id of the meter in ``slot``."""
-        start = slot * ID_LENGTH
-        return self._ids[start:start + ID_LENGTH].decode("ascii")
+        return self._ids.meter_id(slot)
 
     def column(self, name: str) -> array:
         """The array of one column, indexed by slot."""
@@ -116,11 +264,11 @@ class MeterTable:
         A few bulk copies of arrays, where a list of 100,000 tuples took 49
         ms and 15.7 MB of small objects.
         """
-        used = self._used
-        return TableCopy(bytes(self._ids[:used * ID_LENGTH]), self._list[:used], self._columns[column][:used])
+        slots = self._capacity
+        return TableCopy(self._ids.prefix(slots), self._list[:slots], self._columns[column][:slots])
 
     def __len__(self) -> int:
-        return sum(self._counts)
+        return self._size
 
     def count(self, which: int = 0) -> int:
         """How many meters list ``which`` holds."""
@@ -152,27 +300,13 @@ class MeterTable:
 
         Raises ValueError for an id that is not 13 ASCII characters.
         """
-        key = meter_id.encode("ascii") if meter_id.isascii() else b""
-        if len(key) != ID_LENGTH:
-            raise ValueError(f"not a meter id: {meter_id!r}")
-        if self._free == _NONE and self._used == self._capacity:
-            self._grow(self._capacity + self._capacity // 2)  # half as large again: little room left unused
-        if self._free != _NONE:
-            slot = self._free
-            self._free = self._next[slot]
-        else:
-            slot = self._used
-            self._used += 1
-        start = slot * ID_LENGTH
-        self._ids[start:start + ID_LENGTH] = key
+        slot = self._ids.hold(meter_id)
+        if slot >= self._capacity:
+            self._grow(max(self._ids.capacity, slot + 1))  # as large as the ids: the shared ones may be ahead
         for name, values in self._columns.items():
             values[slot] = self._defaults[name]
         self._link(slot, which)
-        index, mask = self._index, self._mask
-        cell = hash(meter_id) & mask
-        while index[cell] != _NONE:
-            cell = (cell + 1) & mask
-        index[cell] = slot
+        self._size += 1
         self._recent_id, self._recent_slot = meter_id, slot
         return slot
 
@@ -188,17 +322,17 @@ class MeterTable:
         self._recent_id, self._recent_slot = "", _NONE
         self._unlink(slot)
         self._list[slot] = _NONE
-        self._unindex(slot)
-        self._next[slot] = self._free
-        self._free = slot
-        if not len(self):
-            self._allocate(_SMALLEST)  # all gone: give the memory back at once
-        elif self._capacity > _SMALLEST and len(self) < self._capacity // 4:
-            self._rebuild(self._capacity // 2)
+        self._size -= 1
+        self._ids.release(slot)
+        if not self._size:
+            self._allocate(0)  # all gone: give the arrays back at once
 
     def clear(self) -> None:
         """Forget every meter."""
-        self._allocate(_SMALLEST)
+        for which in range(len(self._heads)):
+            for slot in list(self.slots(which)):
+                self._ids.release(slot)
+        self._allocate(0)
 
     # --- inside ---------------------------------------------------------------------
 
@@ -227,65 +361,15 @@ class MeterTable:
             self._prev[after] = before
         self._counts[which] -= 1
 
-    def _unindex(self, slot: int) -> None:
-        """Remove a slot from the hash index, shifting back the cells after it (linear probing)."""
-        index, mask = self._index, self._mask
-        cell = hash(self.meter_id(slot)) & mask
-        while index[cell] != slot:
-            cell = (cell + 1) & mask
-        hole = cell
-        cell = (cell + 1) & mask
-        while (other := index[cell]) != _NONE:
-            home = hash(self.meter_id(other)) & mask
-            # ``other`` may fill the hole when its home cell is not in (hole, cell] (cyclically).
-            if (cell - home) & mask >= (cell - hole) & mask:
-                index[hole] = other
-                hole = cell
-            cell = (cell + 1) & mask
-        index[hole] = _NONE
-
     def _grow(self, capacity: int) -> None:
-        """Room for ``capacity`` meters, every slot in use kept where it is: the arrays extended, the index rebuilt.
-
-        In place and without moving a meter, so that a fleet appearing at once
-        (100,000 meters at a start) costs one hash per meter and growth, not a
-        copy of each meter in Python.
-        """
+        """Arrays for ``capacity`` slots, extended in place: every slot and column stays valid."""
         extra = capacity - self._capacity
-        self._ids.extend(bytes(extra * ID_LENGTH))
         for links in (self._prev, self._next):
             links.extend(array("i", [_NONE]) * extra)
         self._list.extend(array("b", [_NONE]) * extra)
         for name, values in self._columns.items():
             values.extend(array(values.typecode, [self._defaults[name]]) * extra)
         self._capacity = capacity
-        size = 1 << (2 * capacity - 1).bit_length()
-        if size == len(self._index):
-            return
-        index = self._index = array("i", [_NONE]) * size
-        mask = self._mask = size - 1
-        ids = self._ids
-        for slot in range(self._used):  # all in use: the table grows only when no slot is free
-            start = slot * ID_LENGTH
-            cell = hash(ids[start:start + ID_LENGTH].decode("ascii")) & mask
-            while index[cell] != _NONE:
-                cell = (cell + 1) & mask
-            index[cell] = slot
-
-    def _rebuild(self, capacity: int) -> None:
-        """Move every meter to a smaller table of ``capacity`` slots, the lists' orders kept (slots renumbered)."""
-        old_ids, old_next, old_columns = self._ids, self._next, self._columns
-        heads = list(self._heads)
-        columns = list(old_columns.items())
-        self._allocate(capacity)
-        for which, head in enumerate(heads):
-            old = head
-            while old != _NONE:
-                start = old * ID_LENGTH
-                slot = self.add(old_ids[start:start + ID_LENGTH].decode("ascii"), which)
-                for name, values in columns:
-                    self._columns[name][slot] = values[old]
-                old = old_next[old]
 
 
 class TableCopy:
@@ -306,12 +390,15 @@ class TableCopy:
 class MeterSet:
     """An ordered set of meter ids (first added first), in a ``MeterTable``: 40 bytes a meter, not a dict's 100.
 
+    About 10 (its list links) when its ``ids`` are shared with tables that
+    hold the same meters.
+
     What a ``dict[str, None]`` used as an ordered set does, for the sets a
     whole fleet may be in: adding a member again keeps its place.
     """
 
-    def __init__(self) -> None:
-        self._table = MeterTable()
+    def __init__(self, ids: MeterIds | None = None) -> None:
+        self._table = MeterTable(ids=ids)
 
     def add(self, meter_id: str) -> None:
         if self._table.find(meter_id) < 0:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, TextIO
 
-from meter_table import MeterTable
+from meter_table import MeterIds, MeterTable
 from topics import is_valid_meter_id
 
 JOURNAL_NAME = "energy.journal"
@@ -185,16 +185,17 @@ class EnergyJournal:
 
     def __init__(self, directory: Path, compact_after: int = COMPACT_AFTER_LINES,
                  max_meters: int = MAX_METERS, retry_seconds: float = RETRY_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, ids: MeterIds | None = None) -> None:
         self.directory = directory
         self.path = directory / JOURNAL_NAME
+        self._ids = ids
         self.compact_after = compact_after
         self.max_meters = max_meters
         self.retry_seconds = retry_seconds
         self._clock = clock
         self._lock_file: TextIO | None = None
         self._fd: int | None = None  # the journal, opened for appending
-        self._floors = _floor_table()  # acknowledged, least recently recorded first
+        self._floors = _floor_table(ids=ids)  # acknowledged, least recently recorded first
         self._pending: list[str] = []  # lines recorded since the last flush
         self._lines = 0  # lines in the file (as far as written)
         self._meters = 0  # meters at the last compaction
@@ -219,7 +220,8 @@ class EnergyJournal:
             floors = self._read().floors
             while len(floors) > self.max_meters:
                 del floors[next(iter(floors))]
-            self._floors = _floor_table(floors)
+            self._floors.clear()  # its meters are let go of in the shared ids before the new table holds them
+            self._floors = _floor_table(floors, self._ids)
             del floors
             self._rewrite()
         except OSError as error:
@@ -411,9 +413,9 @@ class EnergyJournal:
 _NO_TIME = -1
 
 
-def _floor_table(floors: dict[str, Floor] | None = None) -> MeterTable:
-    """A table of floors, filled with ``floors`` in their order."""
-    table = MeterTable({"energy": "d", "time": "q"}, defaults={"time": _NO_TIME})
+def _floor_table(floors: dict[str, Floor] | None = None, ids: MeterIds | None = None) -> MeterTable:
+    """A table of floors, filled with ``floors`` in their order (``ids`` shared with the proxy's other tables)."""
+    table = MeterTable({"energy": "d", "time": "q"}, defaults={"time": _NO_TIME}, ids=ids)
     for meter_id, floor in (floors or {}).items():
         _put_floor(table, table.add(meter_id), floor)
     return table

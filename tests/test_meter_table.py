@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import sys
+import threading
 import tracemalloc
 
 import pytest
 
-from meter_table import MeterSet, MeterTable
+from meter_table import MeterIds, MeterSet, MeterTable
 
 
 def meter(number: int) -> str:
@@ -36,6 +38,31 @@ def check(table: MeterTable, model: Model) -> None:
         assert (table.column("energy")[slot], table.column("time")[slot]) == (energy, time)
 
 
+def random_step(table: MeterTable, model: Model, rng: random.Random, meter_id: str, step: int) -> None:
+    """One random add, touch or remove of ``meter_id``, in the table and in its model."""
+    slot = table.find(meter_id)
+    action = rng.random()
+    if meter_id not in model.values:
+        assert slot == -1 and meter_id not in table
+        if action < 0.7:
+            which = rng.randrange(2)
+            slot = table.add(meter_id, which)
+            assert table.column("time")[slot] == 0 and table.column("energy")[slot] != table.column("energy")[slot]
+            table.column("energy")[slot], table.column("time")[slot] = step / 4, step
+            model.lists[which].append(meter_id)
+            model.values[meter_id] = (step / 4, step)
+    elif action < 0.5:
+        which = rng.randrange(2)
+        table.touch(slot, which)
+        assert table.list_of(slot) == which
+        model.lists[model.which(meter_id)].remove(meter_id)
+        model.lists[which].append(meter_id)
+    else:
+        table.remove(slot)
+        model.lists[model.which(meter_id)].remove(meter_id)
+        del model.values[meter_id]
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_random_adds_touches_and_removes_keep_ids_order_and_columns(seed: int) -> None:
     rng = random.Random(seed)
@@ -43,28 +70,7 @@ def test_random_adds_touches_and_removes_keep_ids_order_and_columns(seed: int) -
     model = Model(2)
     population = [meter(rng.randrange(10**10)) for _ in range(600)]
     for step in range(6000):
-        meter_id = rng.choice(population)
-        action = rng.random()
-        slot = table.find(meter_id)
-        if meter_id not in model.values:
-            assert slot == -1 and meter_id not in table
-            if action < 0.7:
-                which = rng.randrange(2)
-                slot = table.add(meter_id, which)
-                assert table.column("time")[slot] == 0 and table.column("energy")[slot] != table.column("energy")[slot]
-                table.column("energy")[slot], table.column("time")[slot] = step / 4, step
-                model.lists[which].append(meter_id)
-                model.values[meter_id] = (step / 4, step)
-        elif action < 0.5:
-            which = rng.randrange(2)
-            table.touch(slot, which)
-            assert table.list_of(slot) == which
-            model.lists[model.which(meter_id)].remove(meter_id)
-            model.lists[which].append(meter_id)
-        else:
-            table.remove(slot)
-            model.lists[model.which(meter_id)].remove(meter_id)
-            del model.values[meter_id]
+        random_step(table, model, rng, rng.choice(population), step)
         if step % 97 == 0:
             check(table, model)
     check(table, model)
@@ -151,3 +157,86 @@ def test_a_copy_has_every_meter_in_the_table_and_none_removed() -> None:
     copy = table.copy("seen")
     table.add(meter(99))  # the copy is the table as it was
     assert sorted(copy.entries()) == [(meter(number), number / 2, number % 2) for number in range(40) if number % 3]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tables_sharing_their_ids_each_keep_their_own_meters_and_free_an_id_once_none_holds_it(seed: int) -> None:
+    """Three tables on one ``MeterIds``, random adds, touches, removes and clears, each against its own model."""
+    rng = random.Random(seed)
+    ids = MeterIds()
+    tables = [MeterTable({"energy": "d", "time": "q"}, defaults={"energy": float("nan")}, lists=2, ids=ids)
+              for _ in range(3)]
+    models = [Model(2) for _ in tables]
+    population = [meter(rng.randrange(10**10)) for _ in range(400)]
+    for step in range(5000):
+        number = rng.randrange(3)
+        meter_id = rng.choice(population)
+        if rng.random() < 0.001:
+            tables[number].clear()
+            models[number] = Model(2)
+        else:
+            random_step(tables[number], models[number], rng, meter_id, step)
+            slot = tables[number].find(meter_id)
+            assert slot == -1 or ids.find(meter_id) == slot  # one slot for a meter, whichever tables hold it
+        if step % 97 == 0:
+            for each, its_model in zip(tables, models, strict=True):
+                check(each, its_model)
+            held = set().union(*(its_model.values for its_model in models))
+            assert len(ids) == len(held)
+            assert all((ids.find(meter_id) >= 0) == (meter_id in held) for meter_id in population)
+    for table in tables:
+        table.clear()
+    assert len(ids) == 0 and ids.capacity == 16  # no meter held: the ids' memory is given back
+
+
+def test_a_meter_removed_from_one_table_stays_in_the_others_with_its_slot() -> None:
+    ids = MeterIds()
+    first, second = MeterTable({"seen": "d"}, ids=ids), MeterSet(ids)
+    slot = first.add(meter(1))
+    second.add(meter(1))
+    first.add(meter(2))
+    second.discard(meter(1))
+    assert first.find(meter(1)) == slot and meter(1) not in second and len(ids) == 2
+    second.add(meter(3))
+    first.remove(slot)
+    assert ids.find(meter(1)) == -1 and meter(1) not in first  # held by none: its slot is free
+    assert first.add(meter(4)) == slot  # and handed out again
+    assert sorted(first.meter_ids()) == [meter(2), meter(4)] and list(second) == [meter(3)]
+
+
+def test_tables_of_different_threads_share_their_ids_safely() -> None:
+    """Two threads, each with its own table on the same ids, add and remove overlapping meters at once."""
+    ids = MeterIds()
+    tables = [MeterTable(ids=ids) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def churn(table: MeterTable, seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(20_000):
+                meter_id = meter(rng.randrange(3000))
+                slot = table.find(meter_id)
+                if slot < 0:
+                    slot = table.add(meter_id)
+                    assert table.meter_id(slot) == meter_id
+                elif rng.random() < 0.4:
+                    assert table.meter_id(slot) == meter_id
+                    table.remove(slot)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=churn, args=(table, seed)) for seed, table in enumerate(tables)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns inside a lookup, as they may in service
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    members = [set(table.meter_ids()) for table in tables]
+    assert len(ids) == len(members[0] | members[1])
+    for table, its_members in zip(tables, members, strict=True):
+        assert all(table.meter_id(table.find(meter_id)) == meter_id for meter_id in its_members)

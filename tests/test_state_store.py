@@ -12,6 +12,7 @@ from filesystems import fill_up, small_tmpfs
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meter_table import MeterIds
 from state_store import (
     MAX_LINE_BYTES,
     EnergyJournal,
@@ -101,6 +102,25 @@ def test_the_journal_keeps_at_most_max_meters_the_least_recently_recorded_go_fir
     journal.close()
     assert EnergyJournal(tmp_path).open() == {METER: Floor(1.5, "20260117213000"),
                                               "33B1225950029": Floor(3.0, "20260117211500")}
+
+
+def test_a_journal_opened_again_lets_go_of_the_meters_it_held_before_in_the_shared_ids(tmp_path: Path) -> None:
+    """A journal reopened replaces its table of floors: the old one must not keep holding its meters.
+
+    The ids are shared with the proxy's other tables; a meter the old table
+    still held would never be freed once every live table let go of it.
+    """
+    ids = MeterIds()
+    journal = EnergyJournal(tmp_path, max_meters=2, ids=ids)
+    journal.open()
+    journal.record(METER, 1.0, "20260117211500")
+    journal.record(OTHER, 2.0, "20260117211500")
+    journal.close()
+    journal.open()
+    journal.record("33B1225950029", 3.0, "20260117211500")  # METER, the least recently recorded, goes
+    assert journal.floors() == {OTHER: Floor(2.0, "20260117211500"), "33B1225950029": Floor(3.0, "20260117211500")}
+    assert ids.find(METER) == -1 and len(ids) == 2
+    journal.close()
 
 
 def test_a_fleet_in_service_holds_bytes_per_meter_not_a_dict_entry_and_a_tuple(tmp_path: Path) -> None:
