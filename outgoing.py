@@ -191,17 +191,23 @@ class Forwarder(Generic[M]):
     then settled by ``skip`` itself: too large for the broker, say). Wire
     ``answered`` to the client's ``on_publish``, and ``set_connected`` to its
     connection state.
+
+    ``pack`` turns a message into what waits in the queue, ``unpack`` back
+    (the proxy packs its messages into bytes: see ``pack_outgoing``); a
+    message handed over at once is never packed.
     """
 
     def __init__(self, client: mqtt.Client, settle: Settle[M], *, capacity: int, window: int = WINDOW,
                  dropped: Callable[[M], None] = lambda _item: None,
-                 skip: Callable[[M], bool] = lambda _item: False, name: str = "publisher") -> None:
+                 skip: Callable[[M], bool] = lambda _item: False, name: str = "publisher",
+                 pack: Callable[[M], Any] = lambda item: item, unpack: Callable[[Any], M] = lambda item: item) -> None:
         self._client = client
         self._dropped = dropped
         self._skip = skip
+        self._pack, self._unpack = pack, unpack
         self.capacity = capacity
         self._condition = threading.Condition()
-        self._queue: deque[M] = deque()
+        self._queue: deque[Any] = deque()  # packed messages
         self._in_hand = 0  # taken from the queue, being handed over now (by one thread at a time)
         self._connected = False
         self._stopping = False
@@ -225,11 +231,11 @@ class Forwarder(Generic[M]):
                 self._in_hand = 1
             else:
                 oldest = self._queue.popleft() if len(self._queue) >= self.capacity else None
-                self._queue.append(item)
+                self._queue.append(self._pack(item))
         if direct:
             self._hand_over_batch((item,))
         elif oldest is not None:
-            self._dropped(oldest)
+            self._dropped(self._unpack(oldest))
         self._pump()
 
     def answered(self, mid: int, reason_code: Any) -> None:
@@ -252,7 +258,7 @@ class Forwarder(Generic[M]):
     def discard(self, unwanted: Callable[[M], bool]) -> int:
         """Remove queued messages for which ``unwanted`` is true; how many."""
         with self._condition:
-            kept = deque(item for item in self._queue if not unwanted(item))
+            kept = deque(packed for packed in self._queue if not unwanted(self._unpack(packed)))
             removed = len(self._queue) - len(kept)
             self._queue = kept
             return removed
@@ -314,7 +320,7 @@ class Forwarder(Generic[M]):
                 queue = self._queue
                 batch = [queue.popleft() for _ in range(count)]
                 self._in_hand = count
-            self._hand_over_batch(batch)
+            self._hand_over_batch(map(self._unpack, batch))  # unpacked as each is handed over, not under the lock
 
     def _hand_over_batch(self, batch: Iterable[M]) -> None:
         """Hand over messages with places reserved for them, then let the next thread hand over.

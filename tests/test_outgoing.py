@@ -124,13 +124,13 @@ class FakeClient:
             return Info(len(self.published))
 
 
-def forwarder(capacity: int = 5, window_size: int = 2, skip: Any = lambda _item: False):
+def forwarder(capacity: int = 5, window_size: int = 2, skip: Any = lambda _item: False, **packing: Any):
     client = FakeClient()
     settled: list[tuple[str, str | None]] = []
     dropped: list[str] = []
     subject: Forwarder[Message] = Forwarder(
         client, lambda item, refused: settled.append((item.topic, refused)), capacity=capacity,  # type: ignore[arg-type]
-        window=window_size, dropped=lambda item: dropped.append(item.topic), skip=skip)
+        window=window_size, dropped=lambda item: dropped.append(item.topic), skip=skip, **packing)
     subject.start()
     return subject, client, settled, dropped
 
@@ -163,6 +163,34 @@ def test_a_full_queue_drops_its_oldest_message() -> None:
     assert dropped == ["a"] and subject.depth() == 2
     assert subject.discard(lambda item: item.topic == "b") == 1
     assert subject.depth() == 1
+    subject.stop()
+
+
+def test_messages_wait_packed_and_everyone_else_sees_them_unpacked() -> None:
+    """What waits in the queue is packed; the drop, the discard, the skip, the client and the settling get messages."""
+    skipped: list[str] = []
+
+    def skip(item: Message) -> bool:
+        skipped.append(item.topic)
+        return False
+
+    subject, client, settled, dropped = forwarder(capacity=3, skip=skip, pack=lambda item: item.topic.encode(),
+                                                  unpack=lambda packed: Message(packed.decode()))
+    for topic in "abcd":
+        subject.put(Message(topic))
+    assert list(subject._queue) == [b"b", b"c", b"d"] and dropped == ["a"]
+    assert subject.discard(lambda item: item.topic == "c") == 1
+
+    subject.set_connected(True)
+    wait_for(lambda: len(client.published) == 2)
+    subject.put(Message("e"))  # the window is full: it waits, packed
+    assert list(subject._queue) == [b"e"]
+    for mid in (1, 2, 3):
+        wait_for(lambda mid=mid: len(client.published) >= mid)
+        subject.answered(mid, ACCEPTED)
+    assert subject.drain(2.0)
+    assert [topic for _mid, topic in client.published] == ["b", "d", "e"] == skipped
+    assert settled == [("b", None), ("d", None), ("e", None)]
     subject.stop()
 
 

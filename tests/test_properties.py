@@ -26,6 +26,7 @@ from data_mapping import (
     encode_payload,
     parse_packet,
 )
+from kpm33b_proxy import Outgoing, pack_outgoing, unpack_outgoing
 from topics import MINUTES, SECONDS, reading_topic
 
 CLEAN_TOPIC = re.compile(r"kpm33b/[0-9A-Za-z]{13}/(seconds|minutes)")
@@ -259,3 +260,17 @@ def test_energy_decrease_drops_are_counted_once_each(stream: list[tuple[str, flo
         decreases += sum(settled.reason == DROP_ENERGY_DECREASE for settled in outcome.settled)
 
     assert processor.drops[DROP_ENERGY_DECREASE] == decreases
+
+
+meter_ids = st.text(alphabet=string.ascii_uppercase + string.digits, min_size=13, max_size=13)
+outgoing_messages = st.builds(
+    Outgoing, st.text(max_size=300), st.binary(max_size=2000), st.booleans(), st.integers(0, 65_535),
+    st.booleans(), st.one_of(st.none(), st.tuples(meter_ids, st.floats(allow_nan=False),
+                                                  st.text(alphabet=string.digits, min_size=14, max_size=14))))
+
+
+@given(outgoing_messages)
+def test_a_queued_message_is_unpacked_as_it_was_packed(message: Outgoing) -> None:
+    packed = pack_outgoing(message)
+    assert isinstance(packed, bytes)
+    assert unpack_outgoing(packed) == message

@@ -29,7 +29,7 @@ from payloads import RT_DATA, capture, eny_now, minute, minute_times
 import config_loader
 import meter_table
 from data_mapping import MeterDataProcessor
-from kpm33b_proxy import Proxy
+from kpm33b_proxy import Proxy, unpack_outgoing
 from topics import MINUTES
 
 NEW_YEAR = datetime(2026, 1, 1)  # the first of the many distinct meter times a stream test sends
@@ -255,7 +255,7 @@ def test_a_fleet_in_service_keeps_each_meter_id_once_not_once_per_table(tmp_path
                                                       1000.0 + number + reading).encode())
             queue = proxy.outgoing._queue
             while queue:
-                proxy._delivered(queue.popleft())
+                proxy._delivered(unpack_outgoing(queue.popleft()))
 
     tracemalloc.start()
     try:
@@ -269,6 +269,33 @@ def test_a_fleet_in_service_keeps_each_meter_id_once_not_once_per_table(tmp_path
     assert proxy.counters.get("forwarded") == 2 * len(meters)
     assert len(proxy.availability) == len(proxy.discovery._diagnostics) == len(meters)
     assert kept / len(meters) < 190, kept / len(meters)
+
+
+def test_a_burst_of_new_meters_waits_in_the_queue_as_one_object_per_message_not_a_dozen(tmp_path: Path) -> None:
+    """2,000 new meters, one reading each, queued while the central broker is away: the small objects they leave.
+
+    Each new meter queues four messages (two Home Assistant configs, its
+    availability, its reading). Kept as they were made (a tuple, a topic
+    string, the payload, the energy to journal with its id, float and
+    time), they were 15 small objects per meter, about 1.1 KB: a burst of
+    10,000 new meters spread them over arenas of Python's allocator that a
+    few longer-lived objects then keep (``make bench``, 100,000 meters in
+    service: 63.5 MB before, 55.6 after). Each message now waits as one
+    bytes object.
+    Measured: 14.2 small objects per meter before, 2.2 after.
+    """
+    proxy = Proxy(config_loader.parse_config(config_dict(1883, 1884), {}), tmp_path / "state")
+    readings = [eny_now(f"33B{number:010d}", minute(0), 1000.0 + number).encode() for number in range(2_000)]
+    tracemalloc.start()
+    try:
+        for payload in readings:
+            proxy.handle_raw("MQTT_ENY_NOW", payload)
+        kept = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, meter_table.__file__)])
+    finally:
+        tracemalloc.stop()
+    assert proxy.outgoing.depth() >= 4 * len(readings)  # and the bridge's own configs
+    small = sum(1 for trace in kept.traces if trace.size <= 512)  # Python's allocator's own (larger: malloc)
+    assert small / len(readings) < 4, small / len(readings)
 
 
 def test_meter_goes_offline_after_silence_and_online_again(tmp_path, internal_broker, central_broker):
