@@ -187,7 +187,7 @@ class MeterAvailability:
 
     def __len__(self) -> int:
         """How many meters are tracked (online or recently offline)."""
-        with self._lock:  # a table growing or shrinking recounts its meters as it moves them
+        with self._lock:  # the readings' thread adds and removes meters meanwhile
             return len(self._table)
 
     def online_count(self) -> int:

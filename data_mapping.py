@@ -483,9 +483,10 @@ class _SideField:
 class _MeterRecord:
     """One meter's entry in ``MeterMemory``, seen through its slot in the table.
 
-    Valid while that meter's reading is handled: the next meter evicted
-    from the table may renumber the slots. ``held`` and ``export`` are
-    rare, so they live in dicts of their own.
+    Valid while that meter is in the table: its slot is freed (and may be
+    another meter's) once it is evicted. The processor keeps one only while
+    the meter's reading is handled. ``held`` and ``export`` are rare, so
+    they live in dicts of their own.
     """
 
     __slots__ = ("_memory", "_slot", "_table", "meter_id")
