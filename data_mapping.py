@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from meter_table import MeterIds, MeterTable
+from meter_table import METER_TIME, MeterIds, MeterTable
 from topics import MINUTES, SECONDS, is_valid_meter_id
 
 # The tag of the one value each clean message carries, and its clean name.
@@ -443,9 +443,7 @@ class _Held:
         return self.readings[-1]
 
 
-# The filters' times are kept as the numbers their 14 digits spell (they compare and print the same);
-# ``_NO_TIME`` when there is none. An energy not known yet is NaN (a valid energy is a finite number).
-_NO_TIME = -1
+# An energy not known yet is NaN (a valid energy is a finite number); the meter times are ``METER_TIME`` columns.
 _NO_ENERGY = math.nan
 
 
@@ -456,11 +454,10 @@ class _TimeField:
         self.column = column
 
     def __get__(self, record: _MeterRecord, _owner: object = None) -> str | None:
-        number = record._table.column(self.column)[record._slot]
-        return None if number == _NO_TIME else f"{number:014d}"
+        return record._table.time(self.column, record._slot)
 
     def __set__(self, record: _MeterRecord, meter_time: str | None) -> None:
-        record._table.column(self.column)[record._slot] = _NO_TIME if meter_time is None else int(meter_time)
+        record._table.set_time(self.column, record._slot, meter_time)
 
 
 class _SideField:
@@ -527,9 +524,8 @@ class MeterMemory:
 
     def __init__(self, max_meters: int = 200_000, ids: MeterIds | None = None) -> None:
         self.max_meters = max_meters
-        self._table = MeterTable({"last_seconds": "q", "last_minutes": "q", "energy_time": "q", "energy": "d"},
-                                 defaults={"last_seconds": _NO_TIME, "last_minutes": _NO_TIME,
-                                           "energy_time": _NO_TIME, "energy": _NO_ENERGY}, ids=ids)
+        self._table = MeterTable({"last_seconds": METER_TIME, "last_minutes": METER_TIME, "energy_time": METER_TIME,
+                                  "energy": "d"}, defaults={"energy": _NO_ENERGY}, ids=ids)
         self._held: dict[str, _Held] = {}
         self._export: dict[str, ExportFloor] = {}
 
@@ -544,22 +540,20 @@ class MeterMemory:
         of the last energy reading held back. A reading the broker sends again
         (MQTT's DUP flag: a redelivery after a reconnect) is also one when it
         is not newer than the last forwarded reading: it was seen on the
-        earlier connection. Meter times compare as the numbers their fixed-width digits spell.
+        earlier connection. Meter times compare as their fixed-width digits do.
         """
         table = self._table
         slot = table.find(meter_id)
         if slot < 0:
             return False
         if kind == SECONDS:
-            last = table.column("last_seconds")[slot]
+            last = table.time("last_seconds", slot)
         else:  # after a restart only the floor's time is known: it was delivered
-            last = table.column("last_minutes")[slot]
-            if last == _NO_TIME:
-                last = table.column("energy_time")[slot]
-        if last != _NO_TIME:
-            number = int(meter_time)  # as the table keeps them: the number the 14 digits spell
-            if number == last or (redelivered and number < last):
-                return True
+            last = table.time("last_minutes", slot)
+            if last is None:
+                last = table.time("energy_time", slot)
+        if last is not None and (meter_time == last or (redelivered and meter_time < last)):
+            return True
         held = self._held.get(meter_id) if self._held else None
         return kind == MINUTES and held is not None and held.last[0] == meter_time
 

@@ -31,6 +31,7 @@ the tables sharing it belong to different threads.
 
 from __future__ import annotations
 
+import functools
 import threading
 from array import array
 from collections.abc import Iterator, Mapping
@@ -39,6 +40,46 @@ ID_LENGTH = 13
 _NONE = -1  # no slot: an empty index cell, the end of a list
 _SMALLEST = 16  # slots allocated at least
 _MOST_HOLDERS = 255  # tables that may hold one meter (a byte each): a process has a handful
+
+# A column of meter times (``YYYYMMDDhhmmss`` text, or None): four bytes a meter, where the number the 14 digits
+# spell takes eight. Each time is kept as its ``time_code``; a time without one (a clock set before 2000 or after
+# 2132) is kept aside, as text, in a dict of the table's.
+METER_TIME = "meter time"
+TIME_EPOCH = 2000  # the year of code 0
+_NO_TIME = 0xFFFFFFFF  # a time column's value for no time
+_ASIDE = 0xFFFFFFFE  # the time is in the table's dict
+_LAST_CODE = _ASIDE - 1
+
+
+@functools.lru_cache(maxsize=4096)
+def time_code(meter_time: str) -> int:
+    """A meter time as an unsigned 32-bit number that sorts as the text does; ``_ASIDE`` when it has none.
+
+    Seconds since 2000 counted with months of 31 days: no calendar to
+    consult, still in order, and ``time_text`` gives the text back. Cached:
+    a fleet reports the same few times.
+    """
+    try:
+        year, month, day = int(meter_time[:4]) - TIME_EPOCH, int(meter_time[4:6]), int(meter_time[6:8])
+        hour, minute, second = int(meter_time[8:10]), int(meter_time[10:12]), int(meter_time[12:14])
+    except ValueError:
+        return _ASIDE
+    if not (len(meter_time) == 14 and meter_time.isdigit() and year >= 0 and 1 <= month <= 12
+            and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
+        return _ASIDE
+    code = ((((year * 12 + month - 1) * 31 + day - 1) * 24 + hour) * 60 + minute) * 60 + second
+    return code if code <= _LAST_CODE else _ASIDE
+
+
+@functools.lru_cache(maxsize=4096)
+def time_text(code: int) -> str:
+    """The meter time of a ``time_code``."""
+    rest, second = divmod(code, 60)
+    rest, minute = divmod(rest, 60)
+    rest, hour = divmod(rest, 24)
+    rest, day = divmod(rest, 31)
+    year, month = divmod(rest, 12)
+    return f"{year + TIME_EPOCH:04d}{month + 1:02d}{day + 1:02d}{hour:02d}{minute:02d}{second:02d}"
 
 
 class MeterIds:
@@ -195,6 +236,8 @@ class MeterTable:
     """Meter ids ↔ slots, in ``lists`` ordered lists, with typed columns (``array`` typecode per name).
 
     ``defaults`` gives each column's value for a new meter (0 unless given).
+    A ``METER_TIME`` column is read and written with ``time`` and
+    ``set_time`` (a new meter has None).
     ``ids`` are the ids shared with other tables (a table of its own
     otherwise). The columns are ``array`` objects reached with
     ``column(name)``, indexed by slot; a slot is the meter's while it is in
@@ -205,8 +248,12 @@ class MeterTable:
     def __init__(self, columns: Mapping[str, str] | None = None, defaults: Mapping[str, float] | None = None,
                  lists: int = 1, ids: MeterIds | None = None) -> None:
         self._ids = ids if ids is not None else MeterIds()
-        self._types = dict(columns or {})
-        self._defaults = {name: (defaults or {}).get(name, 0) for name in self._types}
+        self._types = {name: "I" if kind == METER_TIME else kind for name, kind in (columns or {}).items()}
+        self._defaults = {name: _NO_TIME if kind == METER_TIME else (defaults or {}).get(name, 0)
+                          for name, kind in (columns or {}).items()}
+        # The times without a code, by column and slot: rare, so a dict (emptied with their meters).
+        self._aside: dict[str, dict[int, str]] = {name: {} for name, kind in (columns or {}).items()
+                                                  if kind == METER_TIME}
         self._heads = [_NONE] * lists
         self._tails = [_NONE] * lists
         self._counts = [0] * lists
@@ -219,6 +266,8 @@ class MeterTable:
         self._next = array("i", [_NONE]) * capacity
         self._list = array("b", [_NONE]) * capacity  # -1: not in this table
         self._columns = {name: array(kind, [self._defaults[name]]) * capacity for name, kind in self._types.items()}
+        for aside in self._aside.values():
+            aside.clear()
         self._size = 0
         self._heads[:] = [_NONE] * len(self._heads)
         self._tails[:] = [_NONE] * len(self._tails)
@@ -253,6 +302,23 @@ class MeterTable:
     def column(self, name: str) -> array:
         """The array of one column, indexed by slot."""
         return self._columns[name]
+
+    def time(self, name: str, slot: int) -> str | None:
+        """The meter time in a ``METER_TIME`` column, or None."""
+        code = self._columns[name][slot]
+        if code < _ASIDE:
+            return time_text(code)
+        return None if code == _NO_TIME else self._aside[name][slot]
+
+    def set_time(self, name: str, slot: int, meter_time: str | None) -> None:
+        """Write a meter time (or None) into a ``METER_TIME`` column."""
+        code = _NO_TIME if meter_time is None else time_code(meter_time)
+        values = self._columns[name]
+        if values[slot] == _ASIDE:
+            del self._aside[name][slot]
+        values[slot] = code
+        if code == _ASIDE:
+            self._aside[name][slot] = meter_time
 
     def list_of(self, slot: int) -> int:
         """Which list the meter in ``slot`` is in."""
@@ -322,6 +388,9 @@ class MeterTable:
         self._recent_id, self._recent_slot = "", _NONE
         self._unlink(slot)
         self._list[slot] = _NONE
+        for aside in self._aside.values():
+            if aside:
+                aside.pop(slot, None)
         self._size -= 1
         self._ids.release(slot)
         if not self._size:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, TextIO
 
-from meter_table import MeterIds, MeterTable
+from meter_table import METER_TIME, MeterIds, MeterTable
 from topics import is_valid_meter_id
 
 JOURNAL_NAME = "energy.journal"
@@ -408,21 +408,18 @@ class EnergyJournal:
                 os.close(fd)
 
 
-# The floors of a large fleet, compact (see meter_table): the energy, and the meter time as the number its
-# 14 digits spell (they compare and print the same), ``_NO_TIME`` for a floor of the older format without one.
-_NO_TIME = -1
-
-
+# The floors of a large fleet, compact (see meter_table): the energy, and the meter time (None for a floor of
+# the older format without one).
 def _floor_table(floors: dict[str, Floor] | None = None, ids: MeterIds | None = None) -> MeterTable:
     """A table of floors, filled with ``floors`` in their order (``ids`` shared with the proxy's other tables)."""
-    table = MeterTable({"energy": "d", "time": "q"}, defaults={"time": _NO_TIME}, ids=ids)
+    table = MeterTable({"energy": "d", "time": METER_TIME}, ids=ids)
     for meter_id, floor in (floors or {}).items():
         _put_floor(table, table.add(meter_id), floor)
     return table
 
 
 def _check_floor(floor: Floor) -> None:
-    """Raise ValueError for a floor the table cannot keep (its time is not 14 digits)."""
+    """Raise ValueError for a floor whose time is not a meter time (14 digits of a date and time)."""
     if floor.meter_time is not None and not is_meter_time(floor.meter_time):
         raise ValueError(f"not a meter time: {floor.meter_time!r}")
 
@@ -430,15 +427,14 @@ def _check_floor(floor: Floor) -> None:
 def _put_floor(table: MeterTable, slot: int, floor: Floor) -> None:
     """Write a checked floor (``_check_floor``; the journal's parser checks what it reads) into its slot."""
     table.column("energy")[slot] = floor.energy
-    table.column("time")[slot] = _NO_TIME if floor.meter_time is None else int(floor.meter_time)
+    table.set_time("time", slot, floor.meter_time)
 
 
 def _floor_items(table: MeterTable) -> Iterator[tuple[str, Floor]]:
     """(meter id, floor) of every meter, least recently recorded first."""
-    energies, times = table.column("energy"), table.column("time")
+    energies = table.column("energy")
     for slot in table.slots():
-        time_number = times[slot]
-        yield table.meter_id(slot), Floor(energies[slot], None if time_number == _NO_TIME else f"{time_number:014d}")
+        yield table.meter_id(slot), Floor(energies[slot], table.time("time", slot))
 
 
 def _write_all(fd: int, data: bytes) -> None:

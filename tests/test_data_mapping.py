@@ -1112,6 +1112,21 @@ def test_memory_remembers_forwarded_times_and_energy() -> None:
     assert len(memory) == 1
 
 
+@pytest.mark.parametrize("clock", ["1999123123595", "2150010100000"])
+def test_a_meter_whose_clock_is_set_far_wrong_still_has_its_duplicates_and_its_floor(clock: str) -> None:
+    """Times before 2000 or after 2132 have no four-byte code: they are kept aside, and work the same."""
+    memory = MeterMemory()
+    first, second = clock + "0", clock + "9"
+    memory.remember(METER, MINUTES, first, 31.057)
+    memory.remember(METER, SECONDS, second, None)
+
+    assert memory.is_duplicate(METER, MINUTES, first) is True
+    assert memory.is_duplicate(METER, SECONDS, second) is True
+    assert memory.is_duplicate(METER, SECONDS, first) is False
+    assert memory.is_duplicate(METER, SECONDS, first, redelivered=True) is True  # older than the last
+    assert memory.record(METER).energy_time == first and memory.last_energy(METER) == 31.057
+
+
 def test_redelivered_reading_not_newer_than_the_last_forwarded_is_a_duplicate() -> None:
     processor = MeterDataProcessor()
     processor.process(SECONDS, raw(time=T1, zyggl=1.0), 0.0)

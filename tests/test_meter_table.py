@@ -9,7 +9,7 @@ import tracemalloc
 
 import pytest
 
-from meter_table import MeterIds, MeterSet, MeterTable
+from meter_table import METER_TIME, MeterIds, MeterSet, MeterTable, time_code, time_text
 
 
 def meter(number: int) -> str:
@@ -240,3 +240,54 @@ def test_tables_of_different_threads_share_their_ids_safely() -> None:
     assert len(ids) == len(members[0] | members[1])
     for table, its_members in zip(tables, members, strict=True):
         assert all(table.meter_id(table.find(meter_id)) == meter_id for meter_id in its_members)
+
+
+TIMES = ["20000101000000", "20051231235959", "20260112163900", "20260112163901", "20261206151300",
+         "21321231235959", "19991231235959", "19700101000000", "21340101000000", "99991231235959"]
+
+
+def test_a_meter_time_kept_in_a_table_comes_back_as_it_was_and_times_sort_as_their_codes() -> None:
+    """Every meter time, also one of a clock set far wrong (before 2000, after 2132), is kept exactly."""
+    table = MeterTable({"seen": METER_TIME})
+    slots = [table.add(meter(number)) for number in range(len(TIMES))]
+    assert [table.time("seen", slot) for slot in slots] == [None] * len(TIMES)
+    for slot, meter_time in zip(slots, TIMES, strict=True):
+        table.set_time("seen", slot, meter_time)
+    assert [table.time("seen", slot) for slot in slots] == TIMES
+    in_range = sorted(t for t in TIMES if "2000" <= t[:4] <= "2132")
+    assert [time_code(t) for t in in_range] == sorted(time_code(t) for t in in_range)
+    assert all(time_text(time_code(t)) == t for t in in_range)
+    table.set_time("seen", slots[-1], None)
+    assert table.time("seen", slots[-1]) is None
+
+
+def test_a_far_time_set_aside_goes_with_its_meter_and_is_not_the_next_meters_in_that_slot() -> None:
+    table = MeterTable({"seen": METER_TIME})
+    slot = table.add(meter(1))
+    table.add(meter(2))
+    table.set_time("seen", slot, "19991231235959")
+    table.remove(slot)
+    assert table.add(meter(3)) == slot and table.time("seen", slot) is None
+    table.set_time("seen", slot, "21500101000000")
+    table.set_time("seen", slot, "20260112163900")  # back in range: nothing left aside
+    assert table.time("seen", slot) == "20260112163900" and not any(table._aside.values())
+    table.set_time("seen", slot, "21500101000000")
+    table.clear()
+    assert not any(table._aside.values())
+
+
+def test_a_meter_time_column_takes_four_bytes_a_meter() -> None:
+    """A 14-digit time as the number it spells needs 8 bytes; 10,000 meters with two time columns."""
+    tracemalloc.start()
+    try:
+        table = MeterTable({"a": METER_TIME, "b": METER_TIME}, lists=1)
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(10_000):
+            slot = table.add(meter(number))
+            table.set_time("a", slot, "20260112163900")
+            table.set_time("b", slot, "20260112163900")
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # ids 13, holders 1, index ~8, links 9; times 2 × 4 (2 × 8 as 64-bit numbers): about 46 bytes with room to grow
+    assert kept / 10_000 < 50, kept / 10_000
