@@ -244,7 +244,9 @@ def test_a_fleet_in_service_keeps_each_meter_id_once_not_once_per_table(tmp_path
     13-byte id and a hash index of every meter: five copies of the same
     fleet. Measured: 245 bytes per meter before they shared one
     ``MeterIds``, 139 after; 122 with the filters' and the journal's four
-    meter times in four bytes each instead of eight.
+    meter times in four bytes each instead of eight; 130 with the ids grown
+    by an eighth rather than by half (room for 10,983 meters here where
+    there was room for 10,390; for 102,908 at 100,000, not 118,342).
     """
     proxy = Proxy(config_loader.parse_config(config_dict(1883, 1884), {}), tmp_path / "state")
     proxy.journal.open()
@@ -269,7 +271,7 @@ def test_a_fleet_in_service_keeps_each_meter_id_once_not_once_per_table(tmp_path
         proxy.journal.close()
     assert proxy.counters.get("forwarded") == 2 * len(meters)
     assert len(proxy.availability) == len(proxy.discovery._diagnostics) == len(meters)
-    assert kept / len(meters) < 130, kept / len(meters)
+    assert kept / len(meters) < 135, kept / len(meters)
 
 
 def test_a_burst_of_new_meters_waits_in_the_queue_as_one_object_per_message_not_a_dozen(tmp_path: Path) -> None:
