@@ -7,7 +7,7 @@ value (a float is 24 bytes, a tuple 56, a slotted record 80), scattered
 among the short-lived objects of the traffic, where they keep the
 allocator's pools from being given back. Here a meter is 13 bytes of id, a
 few bytes of hash index and of list links, and its columns: 8 bytes for a
-float or an integer.
+float or an integer, 4 for a meter time.
 
 The ids are meter ids as validated at the edge (``topics.is_valid_meter_id``):
 13 ASCII letters and digits. A meter has a *slot*, a small integer that
