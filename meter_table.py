@@ -59,13 +59,11 @@ def time_code(meter_time: str) -> int:
     consult, still in order, and ``time_text`` gives the text back. Cached:
     a fleet reports the same few times.
     """
-    try:
-        year, month, day = int(meter_time[:4]) - TIME_EPOCH, int(meter_time[4:6]), int(meter_time[6:8])
-        hour, minute, second = int(meter_time[8:10]), int(meter_time[10:12]), int(meter_time[12:14])
-    except ValueError:
+    if not (len(meter_time) == 14 and meter_time.isascii() and meter_time.isdigit()):
         return _ASIDE
-    if not (len(meter_time) == 14 and meter_time.isdigit() and year >= 0 and 1 <= month <= 12
-            and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
+    year, month, day = int(meter_time[:4]) - TIME_EPOCH, int(meter_time[4:6]), int(meter_time[6:8])
+    hour, minute, second = int(meter_time[8:10]), int(meter_time[10:12]), int(meter_time[12:14])
+    if not (year >= 0 and 1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
         return _ASIDE
     code = ((((year * 12 + month - 1) * 31 + day - 1) * 24 + hour) * 60 + minute) * 60 + second
     return code if code <= _LAST_CODE else _ASIDE
@@ -248,12 +246,12 @@ class MeterTable:
     def __init__(self, columns: Mapping[str, str] | None = None, defaults: Mapping[str, float] | None = None,
                  lists: int = 1, ids: MeterIds | None = None) -> None:
         self._ids = ids if ids is not None else MeterIds()
-        self._types = {name: "I" if kind == METER_TIME else kind for name, kind in (columns or {}).items()}
-        self._defaults = {name: _NO_TIME if kind == METER_TIME else (defaults or {}).get(name, 0)
-                          for name, kind in (columns or {}).items()}
+        columns, defaults = dict(columns or {}), dict(defaults or {})
+        times = [name for name, kind in columns.items() if kind == METER_TIME]
+        self._types = {**columns, **dict.fromkeys(times, "I")}
+        self._defaults = {name: defaults.get(name, 0) for name in columns} | dict.fromkeys(times, _NO_TIME)
         # The times without a code, by column and slot: rare, so a dict (emptied with their meters).
-        self._aside: dict[str, dict[int, str]] = {name: {} for name, kind in (columns or {}).items()
-                                                  if kind == METER_TIME}
+        self._aside: dict[str, dict[int, str]] = {name: {} for name in times}
         self._heads = [_NONE] * lists
         self._tails = [_NONE] * lists
         self._counts = [0] * lists
